@@ -1,0 +1,44 @@
+"""tensor_parallel: split a PyTorch model over several devices in one line.
+
+Example::
+
+    >>> import torch, tensor_parallel as tp
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> model = tp.tensor_parallel(mlp, ["cpu", "cpu"])
+    >>> model(torch.randn(2, 8)).shape
+    torch.Size([2, 8])
+"""
+
+from .checkpoint import save_tensor_parallel
+from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
+from .plan import Plan, format_plan, plan_for, resolve_plan
+from .runtime import TensorParallel, parse_devices, tensor_parallel
+from .split import Shard, split_sizes
+from .styles import (ColwiseParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
+                     Style, register_linear_kind)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tensor_parallel",
+    "TensorParallel",
+    "Plan",
+    "plan_for",
+    "resolve_plan",
+    "format_plan",
+    "Style",
+    "ColwiseParallel",
+    "RowwiseParallel",
+    "EmbeddingParallel",
+    "Replicate",
+    "LinearKind",
+    "register_linear_kind",
+    "Shard",
+    "split_sizes",
+    "count_collectives",
+    "CollectiveStats",
+    "CollectiveError",
+    "Communicator",
+    "save_tensor_parallel",
+    "parse_devices",
+]

@@ -1,0 +1,345 @@
+"""Communication: the only place where shards exchange tensors.
+
+A split layer never talks to another device directly. It holds a :class:`Communicator`
+(one per rank) and calls ``all_reduce``, ``all_gather`` or ``enter_parallel`` on it. Which
+object that is decides how the ranks meet:
+
+* :class:`ThreadGroup` (this module): every rank is a thread of one process. Ranks meet at a
+  rendezvous; the last rank to arrive runs one autograd node over the tensors of *all* ranks,
+  so forward and backward are one ordinary autograd graph and no backward pass ever waits
+  for another thread.
+* a ``torch.distributed`` communicator (multi-process mode) implements the same interface
+  with Megatron's conjugate operators.
+
+Every logical collective is recorded once (not once per rank) in the recorders opened by
+:func:`count_collectives`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "CollectiveError",
+    "CollectiveStats",
+    "Communicator",
+    "ThreadGroup",
+    "count_collectives",
+]
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not complete: another rank failed, or the wait timed out."""
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CollectiveStats:
+    """Collectives recorded inside one :func:`count_collectives` block.
+
+    ``calls[kind]`` is the number of logical collectives of that kind (one per collective,
+    not one per rank) and ``bytes[kind]`` the bytes of the full tensor each rank holds after
+    it (for ``all_reduce`` and ``all_gather``) or before it (``reduce_scatter``), summed over
+    calls. A backward pass inside the block is counted too: the backward of an all-reduce is
+    an ``all_reduce``, the backward of an all-gather a ``reduce_scatter``.
+    """
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    log: list[tuple[str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+
+    @property
+    def total_calls(self) -> int:
+        """All collectives of every kind."""
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every kind."""
+        return sum(self.bytes.values())
+
+    def _record(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        numel = 1
+        for size in shape:
+            numel *= size
+        self.calls[kind] += 1
+        self.bytes[kind] += numel * _itemsize(dtype)
+        self.log.append((kind, shape, dtype))
+
+    def __repr__(self) -> str:
+        parts = [f"{k}: {self.calls[k]} calls, {self.bytes[k]} bytes" for k in sorted(self.calls)]
+        return "CollectiveStats(" + "; ".join(parts) + ")"
+
+
+_recorders: list[CollectiveStats] = []
+_recorders_lock = threading.Lock()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveStats]:
+    """Record every collective run inside the block, by kind, with its size.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        >>> model = tp.tensor_parallel(mlp, ["cpu", "cpu"])
+        >>> with tp.count_collectives() as stats:
+        ...     _ = model(torch.randn(4, 8))
+        >>> dict(stats.calls), dict(stats.bytes)
+        ({'all_reduce': 1}, {'all_reduce': 128})
+    """
+    stats = CollectiveStats()
+    with _recorders_lock:
+        _recorders.append(stats)
+    try:
+        yield stats
+    finally:
+        with _recorders_lock:
+            _recorders.remove(stats)
+
+
+def record_collective(kind: str, shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Add one logical collective to every open :func:`count_collectives` block."""
+    with _recorders_lock:
+        for stats in _recorders:
+            stats._record(kind, tuple(shape), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The interface a split layer sees
+# --------------------------------------------------------------------------------------------
+
+
+class Communicator(abc.ABC):
+    """One rank's handle on its group. Split layers call only these methods."""
+
+    rank: int
+    world_size: int
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks; every rank gets the sum."""
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` in rank order (sizes may differ)."""
+
+    @abc.abstractmethod
+    def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mark a replicated tensor that flows into a split layer (Megatron's ``f``)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd nodes over all ranks at once (single-process mode)
+# --------------------------------------------------------------------------------------------
+
+
+def _sum_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum in rank order on ``device`` (fixed order: every device gets bit-identical sums)."""
+    total = tensors[0].to(device, copy=True)
+    for tensor in tensors[1:]:
+        total.add_(tensor.to(device))
+    return total
+
+
+def _per_device(devices: Sequence[torch.device], make: Callable[[torch.device], torch.Tensor]):
+    """``make(device)`` once per distinct device, then a private copy for each further rank.
+
+    Ranks on the same device must not share storage: a shard may update its input in place.
+    """
+    first: dict[torch.device, torch.Tensor] = {}
+    out = []
+    for device in devices:
+        if device in first:
+            out.append(first[device].clone())
+        else:
+            first[device] = make(device)
+            out.append(first[device])
+    return tuple(out)
+
+
+class _AllReduce(torch.autograd.Function):
+    """y_i = sum_j x_j for every rank i. Backward: dx_j = sum_i dy_i (again an all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, *inputs: torch.Tensor):
+        ctx.devices = [x.device for x in inputs]
+        return _per_device(ctx.devices, lambda d: _sum_on(inputs, d))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        record_collective("all_reduce", grads[0].shape, grads[0].dtype)
+        return _per_device(ctx.devices, lambda d: _sum_on(grads, d))
+
+
+class _AllGather(torch.autograd.Function):
+    """y_i = cat_j x_j for every rank i. Backward: dx_j = sum_i dy_i[slice j] (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, dim: int, *inputs: torch.Tensor):
+        ctx.dim = dim
+        ctx.devices = [x.device for x in inputs]
+        ctx.sizes = [x.shape[dim] for x in inputs]
+        return _per_device(ctx.devices, lambda d: torch.cat([x.to(d) for x in inputs], dim))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        record_collective("reduce_scatter", grads[0].shape, grads[0].dtype)
+        offsets = [sum(ctx.sizes[:j]) for j in range(len(ctx.sizes))]
+        pieces = []
+        for device, offset, size in zip(ctx.devices, offsets, ctx.sizes):
+            pieces.append(_sum_on([g.narrow(ctx.dim, offset, size) for g in grads], device))
+        return (None, *pieces)
+
+
+# --------------------------------------------------------------------------------------------
+# Thread group: ranks are threads of one process
+# --------------------------------------------------------------------------------------------
+
+
+class ThreadGroup:
+    """A group of ranks that are threads of this process, one per entry of ``devices``.
+
+    Each collective is a rendezvous: every rank deposits its tensor; the last to arrive runs
+    the operation for all of them (one autograd node) and wakes the others. If any rank fails,
+    :meth:`abort` releases the ranks that wait, with :class:`CollectiveError`.
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.comm import ThreadGroup
+        >>> group = ThreadGroup(["cpu"])
+        >>> group.communicator(0).all_reduce(torch.ones(2))
+        tensor([1., 1.])
+    """
+
+    def __init__(self, devices: Sequence[torch.device | str], *, timeout: float = 600.0) -> None:
+        self.devices = [torch.device(d) for d in devices]
+        self.world_size = len(self.devices)
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._slots: list[torch.Tensor | None] = [None] * self.world_size
+        self._kinds: list[str | None] = [None] * self.world_size
+        self._arrived = 0
+        self._generation = 0
+        self._results: Sequence[torch.Tensor] = ()
+        self._error: BaseException | None = None
+
+    def communicator(self, rank: int) -> "ThreadCommunicator":
+        """The handle that rank ``rank``'s layers use."""
+        return ThreadCommunicator(self, rank)
+
+    def reset(self) -> None:
+        """Forget a past failure so the group can run again (called before each forward)."""
+        with self._cond:
+            self._error = None
+            self._slots = [None] * self.world_size
+            self._kinds = [None] * self.world_size
+            self._arrived = 0
+
+    def abort(self, error: BaseException) -> None:
+        """Release every waiting rank with a :class:`CollectiveError` caused by ``error``."""
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def exchange(self, rank: int, kind: str, tensor: torch.Tensor,
+                 run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Deposit ``tensor``; when all ranks are in, ``run`` maps all tensors to all results."""
+        with self._cond:
+            self._raise_if_aborted(rank, kind)
+            generation = self._generation
+            self._slots[rank], self._kinds[rank] = tensor, kind
+            self._arrived += 1
+            if self._arrived == self.world_size:
+                return self._complete(rank, run)
+            done = self._cond.wait_for(
+                lambda: self._generation != generation or self._error is not None, self.timeout)
+            if self._generation != generation:
+                return self._results[rank]
+            if self._error is None:
+                self._error = CollectiveError(
+                    f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
+                    f"for the other ranks; raise timeout= if a shard legitimately runs that long")
+                self._cond.notify_all()
+            self._raise_if_aborted(rank, kind)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _complete(self, rank: int, run) -> torch.Tensor:
+        kinds = set(self._kinds)
+        if len(kinds) != 1:
+            self._error = CollectiveError(
+                f"ranks called different collectives at the same step: {self._kinds}; every "
+                f"shard must run the same collectives in the same order")
+            self._cond.notify_all()
+            raise self._error
+        inputs = list(self._slots)
+        self._slots = [None] * self.world_size
+        self._arrived = 0
+        try:
+            self._results = run(inputs)
+        except BaseException as error:
+            self._error = error
+            self._cond.notify_all()
+            raise
+        self._generation += 1
+        self._cond.notify_all()
+        return self._results[rank]
+
+    def _raise_if_aborted(self, rank: int, kind: str) -> None:
+        if self._error is not None:
+            if isinstance(self._error, CollectiveError):
+                raise self._error
+            raise CollectiveError(
+                f"rank {rank} ({self.devices[rank]}) stopped in {kind}: another rank failed "
+                f"with {type(self._error).__name__}: {self._error}") from self._error
+
+
+class ThreadCommunicator(Communicator):
+    """Rank ``rank`` of a :class:`ThreadGroup`."""
+
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = group.world_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        def run(inputs: list[torch.Tensor]):
+            record_collective("all_reduce", inputs[0].shape, inputs[0].dtype)
+            return _AllReduce.apply(*inputs)
+        return self._exchange("all_reduce", tensor, run)
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % tensor.dim()
+
+        def run(inputs: list[torch.Tensor]):
+            shape = list(inputs[0].shape)
+            shape[dim] = sum(x.shape[dim] for x in inputs)
+            record_collective("all_gather", shape, inputs[0].dtype)
+            return _AllGather.apply(dim, *inputs)
+        return self._exchange("all_gather", tensor, run)
+
+    def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
+        # In one process the graph is exact: the gradients of the replicated copies already
+        # meet in the all-reduce / all-gather nodes and in the input broadcast.
+        return tensor
+
+    def _exchange(self, kind, tensor, run):
+        return self.group.exchange(self.rank, kind, tensor, run)

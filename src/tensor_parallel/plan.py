@@ -1,0 +1,286 @@
+"""Planning: which style each module gets.
+
+A plan is plain data: a dict from module-path patterns (``fnmatch`` syntax, matched against
+``named_modules()`` paths, ``""`` is the root) to :class:`~tensor_parallel.styles.Style`
+objects. Modules no pattern matches are replicated. Patterns are applied in order, so a later
+pattern overrides an earlier one for the modules both match.
+
+:func:`plan_for` derives a default plan for a plain ``nn.Module``: every linear-like layer,
+embedding and convolution is split; column -> row pairs are found by tracing the module with
+``torch.fx`` and following its data flow through elementwise work; every split it cannot prove
+safe to leave split is gathered right after the layer (always correct).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import operator
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .styles import (ColwiseParallel, EmbeddingParallel, Replicate, RowwiseParallel, Style,
+                     linear_kind)
+
+__all__ = ["Plan", "resolve_plan", "plan_for", "format_plan"]
+
+logger = logging.getLogger(__name__)
+
+Plan = dict[str, Style]
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a plan against a module
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_plan(module: nn.Module, plan: Mapping[str, Style], world_size: int) -> dict[str, Style]:
+    """Match ``plan``'s patterns to ``module``'s paths and check each style against its layer.
+
+    Returns a dict from exact module path to style. Raises ``ValueError`` for a pattern that
+    matches nothing, ``TypeError`` for a style that cannot split the layer it matched.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> resolve_plan(mlp, {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}, 2)
+        {'0': ColwiseParallel(), '2': RowwiseParallel()}
+    """
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must be a dict from module-path patterns to styles, got {type(plan).__name__}")
+    paths = _paths_by_module(module)
+    resolved: dict[str, Style] = {}
+    for pattern, style in plan.items():
+        if not isinstance(pattern, str) or not isinstance(style, Style):
+            raise TypeError(f"plan entry {pattern!r}: {style!r} must map a str pattern to a Style "
+                            f"such as ColwiseParallel(), RowwiseParallel() or Replicate()")
+        matched = [first for first, aliases in paths.items()
+                   if any(fnmatch.fnmatchcase(path, pattern) for path in aliases)]
+        if not matched:
+            raise ValueError(f"plan pattern {pattern!r} matches no module of {type(module).__name__}; "
+                             f"its module paths look like {_examples(paths)}")
+        for path in matched:
+            resolved[path] = style
+    for path, style in resolved.items():
+        style.check(module.get_submodule(path), path or "<root>", world_size)
+    return resolved
+
+
+def _paths_by_module(module: nn.Module) -> dict[str, list[str]]:
+    """First path of each distinct submodule -> every path it is reachable by."""
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        key = first.setdefault(id(sub), path)
+        aliases.setdefault(key, []).append(path)
+    return aliases
+
+
+def _examples(paths: Mapping[str, list[str]]) -> str:
+    names = [p for p in paths if p][:6]
+    return ", ".join(repr(n) for n in names) + (", ..." if len(paths) > 7 else "") or "'' (no submodules)"
+
+
+def format_plan(plan: Mapping[str, Style]) -> str:
+    """The plan as one line per entry, for printing.
+
+    Example::
+
+        >>> import tensor_parallel as tp
+        >>> print(format_plan({"fc1": tp.ColwiseParallel(), "fc2": tp.RowwiseParallel()}))
+        fc1  ColwiseParallel()
+        fc2  RowwiseParallel()  -> all_reduce
+    """
+    width = max((len(p) for p in plan), default=0)
+    lines = []
+    for path, style in plan.items():
+        comm = f"  -> {', '.join(style.collectives)}" if style.collectives else ""
+        lines.append(f"{path or '<root>':<{width}}  {style!r}{comm}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The default plan for plain modules
+# --------------------------------------------------------------------------------------------
+
+
+def plan_for(module: nn.Module, world_size: int | None = None) -> Plan:
+    """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
+
+    Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
+    output reaches the next layer through elementwise work only; every other linear-like layer
+    is split by output features and gathered right after. Layers that share a weight, or
+    whose weights the forward reads directly, are replicated.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+        >>> tp.plan_for(mlp)
+        {'0': ColwiseParallel(), '2': RowwiseParallel()}
+    """
+    candidates = {path: sub for path, sub in module.named_modules() if _splittable(sub)}
+    graph = _trace(module)
+    for path in _tied_modules(module) | _read_directly(graph):
+        candidates.pop(path, None)
+    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
+    plan: Plan = {}
+    for path, sub in candidates.items():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+            plan[path] = EmbeddingParallel(dim=1)
+        elif roles.get(path) == "col":
+            plan[path] = ColwiseParallel()
+        elif roles.get(path) == "row":
+            plan[path] = RowwiseParallel()
+        else:
+            plan[path] = ColwiseParallel(gather_output=True)
+    return plan
+
+
+def _splittable(module: nn.Module) -> bool:
+    if linear_kind(module) is not None:
+        return True
+    plain_embedding = type(module).forward in (nn.Embedding.forward, nn.EmbeddingBag.forward)
+    return plain_embedding and getattr(module, "max_norm", 1.0) is None
+
+
+def _tied_modules(module: nn.Module) -> set[str]:
+    """Paths of modules that own a tensor some other module also owns."""
+    owners: dict[int, list[str]] = {}
+    for path, sub in module.named_modules():
+        for tensor in list(sub._parameters.values()) + list(sub._buffers.values()):
+            if tensor is not None:
+                owners.setdefault(id(tensor), []).append(path)
+    return {path for paths in owners.values() if len(paths) > 1 for path in paths}
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every linear-like layer and embedding a leaf, even user subclasses."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _splittable(m) or super().is_leaf_module(m, qualname)
+
+
+_UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
+                  nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+                  nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout)
+_UNARY_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu,
+                    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.dropout,
+                    torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.neg, torch.abs,
+                    operator.neg, F.tanh, F.sigmoid}
+_UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "neg", "abs", "contiguous", "clone"}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
+                     torch.add, torch.sub, torch.mul, torch.div}
+_BINARY_METHODS = {"add", "sub", "mul", "div"}
+
+
+def _is_elementwise(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _UNARY_MODULES)
+    if node.op == "call_function":
+        return node.target in _UNARY_FUNCTIONS or node.target in _BINARY_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _UNARY_METHODS or node.target in _BINARY_METHODS
+    return False
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+
+
+def _trace(module: nn.Module) -> fx.Graph | None:
+    try:
+        return _LeafTracer().trace(module)
+    except Exception as error:  # fx cannot trace data-dependent control flow and the like
+        logger.info("tracing %s failed (%s: %s); every split is gathered right after its layer",
+                    type(module).__name__, type(error).__name__, error)
+        return None
+
+
+def _read_directly(graph: fx.Graph | None) -> set[str]:
+    """Paths of modules whose tensors the traced forward reads itself (``self.emb.weight``)."""
+    if graph is None:
+        return set()
+    return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+
+
+def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],
+          modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Module path -> "col" or "row" for the pairs the traced data flow proves safe."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    usable = {p: m for p, m in candidates.items() if calls.get(p) == 1 and linear_kind(m) is not None}
+    roles: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in usable and node.target not in roles:
+            region = _Region(node, usable, roles, modules).grow()
+            if region is not None:
+                roles.update({s.target: "col" for s in region[0]})
+                roles.update({s.target: "row" for s in region[1]})
+    return roles
+
+
+class _Region:
+    """Column layers (sources) whose split outputs reach only row layers (sinks) through
+    elementwise work, all with the same feature dimension and size."""
+
+    def __init__(self, start: fx.Node, usable, roles, modules) -> None:
+        self.usable, self.roles, self.modules = usable, roles, modules
+        kind = linear_kind(usable[start.target])
+        self.feature_dim = kind.feature_dim
+        self.size = usable[start.target].weight.shape[kind.out_dim]
+        self.sources, self.sinks, self.inner = {start}, set(), set()
+        self.forward_queue: list[fx.Node] = [start]
+        self.backward_queue: list[fx.Node] = []
+
+    def grow(self):
+        while self.forward_queue or self.backward_queue:
+            ok = self._follow_users(self.forward_queue.pop()) if self.forward_queue \
+                else self._claim_producer(self.backward_queue.pop())
+            if not ok:
+                return None
+        return (self.sources, self.sinks) if self.sinks else None
+
+    def _layer(self, node: fx.Node):
+        if node.op != "call_module" or node.target not in self.usable or node.target in self.roles:
+            return None
+        kind = linear_kind(self.usable[node.target])
+        return kind if kind.feature_dim == self.feature_dim else None
+
+    def _follow_users(self, node: fx.Node) -> bool:
+        for user in node.users:
+            if user in self.inner or user in self.sinks:
+                continue
+            kind = self._layer(user)
+            if kind is not None and _tensor_args(user) == [node] and user not in self.sources \
+                    and self.usable[user.target].weight.shape[kind.in_dim] == self.size:
+                self.sinks.add(user)
+            elif _is_elementwise(user, self.modules):
+                self.inner.add(user)
+                self.forward_queue.append(user)
+                self.backward_queue.extend(a for a in _tensor_args(user) if a is not node)
+            else:
+                return False
+        return True
+
+    def _claim_producer(self, node: fx.Node) -> bool:
+        if node in self.sources or node in self.inner:
+            return True
+        kind = self._layer(node)
+        if kind is not None and node not in self.sinks \
+                and self.usable[node.target].weight.shape[kind.out_dim] == self.size:
+            self.sources.add(node)
+            self.forward_queue.append(node)
+            return True
+        if _is_elementwise(node, self.modules):
+            self.inner.add(node)
+            self.forward_queue.append(node)
+            self.backward_queue.extend(_tensor_args(node))
+            return True
+        return False

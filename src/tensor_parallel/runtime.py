@@ -1,0 +1,317 @@
+"""Running: one worker per device, all shards run as one model.
+
+:class:`TensorParallel` holds one shard per device and runs them concurrently: rank 0 in the
+calling thread, every other rank in a worker thread of its own. The shards meet only at the
+collectives of :mod:`tensor_parallel.comm`. The caller's grad mode, inference mode and
+autocast settings are carried into every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .comm import CollectiveError, ThreadGroup
+from .plan import plan_for, resolve_plan
+from .split import build_shards, gather_tensor
+from .styles import Style
+
+__all__ = ["TensorParallel", "tensor_parallel", "parse_devices"]
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = int | str | torch.device
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]:
+    """Turn ``device_ids`` into devices: ints are CUDA ordinals, ``None`` is every visible GPU.
+
+    Example::
+
+        >>> parse_devices(["cpu", "cpu"])
+        [device(type='cpu'), device(type='cpu')]
+    """
+    if device_ids is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError("device_ids=None means every visible CUDA device, but none is visible; "
+                             "pass device_ids explicitly, e.g. ['cpu', 'cpu'] to split on the CPU")
+        return [torch.device("cuda", i) for i in range(count)]
+    if isinstance(device_ids, (str, int, torch.device)) or not isinstance(device_ids, Sequence):
+        raise TypeError(f"device_ids must be a list of devices such as ['cuda:0', 'cuda:1'] or "
+                        f"['cpu', 'cpu'], got {device_ids!r}")
+    if len(device_ids) == 0:
+        raise ValueError("device_ids is empty; pass at least one device, e.g. ['cpu', 'cpu']")
+    devices = [_parse_device(d) for d in device_ids]
+    types = sorted({d.type for d in devices})
+    if len(types) > 1:
+        raise ValueError(f"device_ids mixes device types {types} ({list(device_ids)}); split over "
+                         f"devices of one type, e.g. all CUDA GPUs or all 'cpu'")
+    return [_check_available(d, given) for d, given in zip(devices, device_ids)]
+
+
+def _parse_device(device: DeviceLike) -> torch.device:
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise TypeError(f"a device id must be an int, a str or a torch.device, got {device!r}")
+    try:
+        parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{device!r} is not a device: {error}") from None
+    if parsed.type == "meta":
+        raise ValueError("'meta' is not a device to run on; build the model under "
+                         "accelerate.init_empty_weights() and pass real device_ids instead")
+    return parsed
+
+
+def _check_available(device: torch.device, given: DeviceLike) -> torch.device:
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise ValueError(f"device {given!r}: this machine sees {count} CUDA device(s); use ids "
+                         f"below {count}, or 'cpu'")
+    return torch.device("cuda", index)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """A daemon thread that runs one rank's calls, in the caller's autograd modes."""
+
+    def __init__(self, name: str) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            task()
+            del task  # do not keep the last call's tensors alive while idle
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+
+
+class _Call:
+    """One rank's part of a forward: its function, its result or its error."""
+
+    def __init__(self, fn: Callable[[], Any], modes: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.fn, self.modes = fn, modes
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def __call__(self) -> None:
+        try:
+            with self.modes():
+                self.result = self.fn()
+        except BaseException as error:  # handed back to the caller, never lost in a thread
+            self.error = error
+        finally:
+            self.done.set()
+
+
+def _caller_modes() -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory re-entering the calling thread's grad, inference and autocast modes."""
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+    autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in ("cpu", "cuda")}
+
+    @contextlib.contextmanager
+    def modes():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(inference))
+            stack.enter_context(torch.set_grad_enabled(grad))
+            for device_type, (enabled, dtype) in autocast.items():
+                if enabled:
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            yield
+    return modes
+
+
+class ShardRunner:
+    """Runs one callable per rank concurrently; the first failure aborts every rank."""
+
+    def __init__(self, group: ThreadGroup) -> None:
+        self.group = group
+        self.workers = [_Worker(f"tensor_parallel-rank{r}") for r in range(1, group.world_size)]
+        weakref.finalize(self, _stop_all, list(self.workers))
+
+    def run(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Call ``fns[r]`` on rank ``r`` (rank 0 in this thread) and return every result."""
+        self.group.reset()
+        modes = _caller_modes()
+        calls = [_Call(fn, modes) for fn in fns]
+        for worker, call in zip(self.workers, calls[1:]):
+            worker.tasks.put(self._guarded(call))
+        self._guarded(calls[0])()
+        for call in calls[1:]:
+            call.done.wait()
+        self._raise_first_error(calls)
+        return [call.result for call in calls]
+
+    def _guarded(self, call: _Call) -> Callable[[], None]:
+        def run() -> None:
+            call()
+            if call.error is not None:
+                self.group.abort(call.error)
+        return run
+
+    def _raise_first_error(self, calls: Sequence[_Call]) -> None:
+        errors = [(rank, c.error) for rank, c in enumerate(calls) if c.error is not None]
+        if not errors:
+            return
+        # the rank that failed first is the one whose error is not a CollectiveError
+        rank, error = next(((r, e) for r, e in errors if not isinstance(e, CollectiveError)), errors[0])
+        if hasattr(error, "add_note"):
+            error.add_note(f"(raised by the shard on rank {rank}, device {self.group.devices[rank]})")
+        raise error
+
+    def close(self) -> None:
+        _stop_all(self.workers)
+
+
+def _stop_all(workers: Sequence[_Worker]) -> None:
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        if worker.thread is not threading.current_thread():
+            worker.thread.join(timeout=10.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    def move(leaf):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type == "meta":
+                raise ValueError("an input tensor is on the 'meta' device and holds no data; pass "
+                                 "real tensors (on any device) to the model")
+            return leaf.to(device)
+        return leaf
+    return pytree.tree_map(move, tree)
+
+
+class TensorParallel(nn.Module):
+    """A module split over several devices that runs as the original module.
+
+    ``forward`` takes the original module's arguments and returns its outputs on
+    ``output_device`` (default: the first device). ``parameters()`` yields every shard's
+    slices and, once per device, the replicated parameters, so an optimizer over
+    ``model.parameters()`` steps the split model exactly as the unsharded one.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        >>> model = tp.TensorParallel(mlp, ["cpu", "cpu"])
+        >>> x = torch.randn(4, 8)
+        >>> torch.allclose(model(x), mlp(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
+                 plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
+                 timeout: float = 600.0) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
+        devices = parse_devices(device_ids)
+        world_size = len(devices)
+        if plan is None:
+            plan = plan_for(module, world_size)
+        self.plan = resolve_plan(module, plan, world_size)
+        self.devices = devices
+        self.output_device = devices[0] if output_device is None else \
+            _check_available(_parse_device(output_device), output_device)
+        group = ThreadGroup(devices, timeout=timeout)
+        comms = [group.communicator(rank) for rank in range(world_size)]
+        shards, self.layout = build_shards(module, self.plan, devices, comms)
+        self.shards = nn.ModuleList(shards)
+        self._runner = ShardRunner(group)
+        logger.info("split %s over %d devices: %d layers split, the rest replicated",
+                    type(module).__name__, world_size, len(self.plan))
+
+    @property
+    def world_size(self) -> int:
+        """Number of shards (devices)."""
+        return len(self.devices)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = [_to_device((args, kwargs), device) for device in self.devices]
+        calls = [self._call(shard, a, k) for shard, (a, k) in zip(self.shards, inputs)]
+        outputs = self._runner.run(calls)
+        return _to_device(outputs[0], self.output_device)
+
+    @staticmethod
+    def _call(shard: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
+        return lambda: shard(*args, **kwargs)
+
+    def unsharded_state_dict(self, device: DeviceLike = "cpu") -> dict[str, torch.Tensor]:
+        """The original module's ``state_dict``: same keys, full tensors, gathered on ``device``.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+            >>> state = tp.tensor_parallel(mlp, ["cpu", "cpu"]).unsharded_state_dict()
+            >>> all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
+            True
+        """
+        states = [shard.state_dict() for shard in self.shards]
+        return {key: gather_tensor(shard, [s[key] for s in states], device)
+                for key, shard in self.layout.items()}
+
+    def extra_repr(self) -> str:
+        return f"devices={[str(d) for d in self.devices]}"
+
+
+def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
+                    plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
+                    **options: Any) -> nn.Module:
+    """Split ``module`` over ``device_ids`` and return a module that runs like it.
+
+    ``device_ids`` lists one device per shard (repeats allowed: ``["cpu", "cpu"]``); ``None``
+    means every visible GPU. ``plan`` maps module-path patterns to styles; without one,
+    :func:`~tensor_parallel.plan.plan_for` derives one.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        >>> model = tp.tensor_parallel(mlp, ["cpu", "cpu"])
+        >>> model(torch.randn(2, 8)).shape
+        torch.Size([2, 8])
+    """
+    allowed = {"timeout"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
+                        f"device_ids, plan, output_device and {sorted(allowed)}")
+    return TensorParallel(module, device_ids, plan=plan, output_device=output_device, **options)
+

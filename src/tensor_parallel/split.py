@@ -1,0 +1,224 @@
+"""Splitting: cut tensors into per-rank slices and build one shard module per rank.
+
+A :class:`Shard` says how one tensor is cut: along which dimension, and which index ranges
+each rank keeps. Ranges may be uneven (1000 over 3 ranks is 334/333/333), empty (a layer
+smaller than the device count) or overlap (a replicated KV head), so one description serves
+every style, and the same description gathers the slices back into the full tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Shard", "split_sizes", "even_shard", "build_shards", "gather_tensor"]
+
+logger = logging.getLogger(__name__)
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+def split_sizes(total: int, world_size: int, unit: int = 1) -> list[int]:
+    """Cut ``total`` into ``world_size`` sizes, as evenly as possible, in whole ``unit`` s.
+
+    Earlier ranks get the extra units. Sizes may be 0 when there are fewer units than ranks.
+
+    Example::
+
+        >>> split_sizes(1000, 3)
+        [334, 333, 333]
+        >>> split_sizes(14 * 64, 4, unit=64)  # 14 heads of 64 over 4 devices: 4/4/3/3 heads
+        [256, 256, 192, 192]
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if unit < 1 or total % unit:
+        raise ValueError(f"size {total} is not a whole number of units of {unit}")
+    units, extra = divmod(total // unit, world_size)
+    return [(units + (rank < extra)) * unit for rank in range(world_size)]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one tensor is cut: rank ``r`` keeps ``ranges[r]`` (concatenated) along ``dim``."""
+
+    dim: int
+    size: int
+    ranges: tuple[Ranges, ...]
+
+    def local_size(self, rank: int) -> int:
+        """Length of rank ``rank``'s slice along :attr:`dim`."""
+        return sum(stop - start for start, stop in self.ranges[rank])
+
+    def take(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slice of the full ``tensor`` (a view when it is one range)."""
+        dim = self.dim % tensor.dim()
+        pieces = [tensor.narrow(dim, start, stop - start) for start, stop in self.ranges[rank]]
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            return tensor.narrow(dim, 0, 0)
+        return torch.cat(pieces, dim)
+
+    def is_partition(self) -> bool:
+        """True when the slices, in rank order, tile the tensor exactly once."""
+        flat = [r for ranges in self.ranges for r in ranges if r[1] > r[0]]
+        position = 0
+        for start, stop in flat:
+            if start != position:
+                return False
+            position = stop
+        return position == self.size
+
+
+def even_shard(size: int, world_size: int, dim: int, unit: int = 1, parts: int = 1) -> Shard:
+    """A :class:`Shard` that cuts ``size`` with :func:`split_sizes`, in rank order.
+
+    With ``parts > 1`` the tensor is ``parts`` equal blocks fused along ``dim`` (q, k and v in
+    one Linear) and each block is cut the same way: rank r keeps its slice of every block.
+
+    Example::
+
+        >>> even_shard(6, 2, dim=0, parts=3).ranges
+        (((0, 1), (2, 3), (4, 5)), ((1, 2), (3, 4), (5, 6)))
+    """
+    if parts < 1 or size % parts:
+        raise ValueError(f"size {size} is not {parts} equal fused parts")
+    block = size // parts
+    ranges = [[] for _ in range(world_size)]
+    for part in range(parts):
+        offset = part * block
+        for rank, local in enumerate(split_sizes(block, world_size, unit)):
+            ranges[rank].append((offset, offset + local))
+            offset += local
+    return Shard(dim=dim, size=size, ranges=tuple(tuple(r) for r in ranges))
+
+
+def gather_tensor(shard: Shard | None, pieces: Sequence[torch.Tensor],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rebuild the full tensor from every rank's slice (``shard=None``: replicated)."""
+    if shard is None:
+        return pieces[0].detach().to(device, copy=True)
+    first = pieces[0]
+    dim = shard.dim % first.dim()
+    shape = list(first.shape)
+    shape[dim] = shard.size
+    full = torch.empty(shape, dtype=first.dtype, device=device)
+    for rank, piece in enumerate(pieces):
+        offset = 0
+        for start, stop in shard.ranges[rank]:
+            full.narrow(dim, start, stop - start).copy_(piece.detach().narrow(dim, offset, stop - start))
+            offset += stop - start
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# Building shards
+# --------------------------------------------------------------------------------------------
+
+
+def _compact_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on ``device`` that owns exactly its elements (never the parent's storage)."""
+    if tensor.device.type == "meta" or device.type == "meta":
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    out.copy_(tensor.detach())
+    return out
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(meta, requires_grad=tensor.requires_grad)
+    return meta
+
+
+class _Materializer:
+    """Turns placeholders into real per-rank tensors, keeping ties and sharing replicas.
+
+    Replicated parameters of ranks on the same device are the *same* Parameter object, so
+    their gradients accumulate into one tensor exactly as in the unsharded model. Buffers are
+    never shared between ranks (BatchNorm updates them in place once per rank).
+    """
+
+    def __init__(self, origin: Mapping[int, torch.Tensor]) -> None:
+        self.origin = origin
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.spec_of: dict[int, tuple[Shard | None, str]] = {}
+
+    def make(self, placeholder: torch.Tensor, shard: Shard | None, where: str,
+             rank: int, device: torch.device) -> torch.Tensor:
+        original = self.origin[id(placeholder)]
+        self._check_tie(original, shard, where)
+        is_param = isinstance(placeholder, nn.Parameter)
+        key = (id(original), shard, rank if (shard is not None or not is_param) else None, device)
+        if key not in self.cache:
+            data = original if shard is None else shard.take(original, rank)
+            data = _compact_copy(data, device)
+            self.cache[key] = nn.Parameter(data, original.requires_grad) if is_param else data
+        return self.cache[key]
+
+    def _check_tie(self, original: torch.Tensor, shard: Shard | None, where: str) -> None:
+        seen = self.spec_of.setdefault(id(original), (shard, where))
+        if seen[0] != shard:
+            raise ValueError(
+                f"'{seen[1]}' and '{where}' share one tensor (tied weights) but the plan cuts it "
+                f"differently ({_describe(seen[0])} vs {_describe(shard)}); give both modules "
+                f"styles that cut it the same way, or untie them before splitting")
+
+
+def _describe(shard: Shard | None) -> str:
+    return "replicated" if shard is None else f"split along dim {shard.dim}"
+
+
+def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequence[torch.device],
+                 communicators: Sequence["Communicator"]) -> tuple[list[nn.Module], dict[str, Shard | None]]:
+    """One shard of ``module`` per device, cut as ``plan`` says, plus the layout of each state key.
+
+    ``plan`` maps exact module paths to styles (see :func:`tensor_parallel.plan.resolve_plan`).
+    The shards share no tensor with ``module``; ``module`` is left unchanged.
+    """
+    world_size = len(devices)
+    originals = _all_tensors(module)
+    memo = {id(t): _placeholder(t) for t in originals.values()}
+    origin = {id(memo[key]): t for key, t in originals.items()}
+    specs = {path: style.shard_specs(module.get_submodule(path), world_size) for path, style in plan.items()}
+    materializer = _Materializer(origin)
+    shards = []
+    for rank, (device, comm) in enumerate(zip(devices, communicators)):
+        skeleton = copy.deepcopy(module, memo=dict(memo))
+        for path, sub in skeleton.named_modules(remove_duplicate=False):
+            local = specs.get(path, {})
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None and id(tensor) in origin:
+                        where = f"{path}.{name}" if path else name
+                        table[name] = materializer.make(tensor, local.get(name), where, rank, device)
+        for path, style in plan.items():
+            style.convert(skeleton.get_submodule(path), rank=rank, comm=comm, specs=specs[path])
+        shards.append(skeleton)
+    return shards, _layout(module, specs)
+
+
+def _all_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+    tensors: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for tensor in table.values():
+                if tensor is not None:
+                    tensors[id(tensor)] = tensor
+    return tensors
+
+
+def _layout(module: nn.Module, specs: Mapping[str, Mapping[str, Shard]]) -> dict[str, Shard | None]:
+    """For each key of ``module.state_dict()``: how that tensor is cut (None: replicated)."""
+    layout: dict[str, Shard | None] = {}
+    for key in module.state_dict(keep_vars=True):
+        path, _, name = key.rpartition(".")
+        layout[key] = specs.get(path, {}).get(name)
+    return layout

@@ -1,0 +1,403 @@
+"""Split styles: each one owns one layer's whole contract.
+
+A style says how a layer's tensors are cut (:meth:`Style.shard_specs`), checks that it can cut
+that layer (:meth:`Style.check`, at wrap time), and turns the layer of a shard into its
+parallel form (:meth:`Style.convert`): what layout its input may have and which collective
+follows it. The pairing of a column split with a row split, and its single all-reduce, lives
+here and nowhere else.
+
+Layers keep their class (a split ``nn.Linear`` is still an ``nn.Linear``) and their parameter
+names, so a shard's ``state_dict`` has the original keys.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import Communicator
+from .split import Shard, even_shard
+
+__all__ = [
+    "Style",
+    "ColwiseParallel",
+    "RowwiseParallel",
+    "EmbeddingParallel",
+    "Replicate",
+    "LinearKind",
+    "register_linear_kind",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Linear-like layers: what "output features" and "input features" mean for each type
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearKind:
+    """How a linear-like layer type stores and applies its weight.
+
+    ``out_dim``/``in_dim`` are the weight's output and input dimensions, ``feature_dim`` the
+    dimension of activations that holds features, ``out_attr``/``in_attr`` the size attributes
+    to update, and ``apply(module, x, weight)`` computes the layer without its bias.
+    """
+
+    out_dim: int
+    in_dim: int
+    feature_dim: int
+    out_attr: str
+    in_attr: str
+    apply: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _conv_apply(module, x, weight):
+    return module._conv_forward(x, weight, None)
+
+
+def _conv_transpose_apply(module, x, weight):
+    functional = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(module.stride)]
+    return functional(x, weight, None, module.stride, module.padding, module.output_padding,
+                      module.groups, module.dilation)
+
+
+_LINEAR_KINDS: dict[type, LinearKind] = {
+    nn.Linear: LinearKind(0, 1, -1, "out_features", "in_features", lambda m, x, w: F.linear(x, w)),
+}
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    _LINEAR_KINDS[_cls] = LinearKind(0, 1, 1, "out_channels", "in_channels", _conv_apply)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    _LINEAR_KINDS[_cls] = LinearKind(1, 0, 1, "out_channels", "in_channels", _conv_transpose_apply)
+
+
+def register_linear_kind(cls: type[nn.Module], kind: LinearKind) -> None:
+    """Teach the column and row styles a new linear-like layer type.
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.styles import LinearKind, register_linear_kind
+        >>> class MyLinear(torch.nn.Linear):
+        ...     pass
+        >>> register_linear_kind(MyLinear, LinearKind(0, 1, -1, "out_features", "in_features",
+        ...                      lambda m, x, w: torch.nn.functional.linear(x, w)))
+    """
+    _LINEAR_KINDS[cls] = kind
+
+
+def linear_kind(module: nn.Module) -> LinearKind | None:
+    """The :class:`LinearKind` of ``module``, or None if it is not a plain linear-like layer.
+
+    A subclass that overrides ``forward`` is not plain: its forward may depend on the sizes.
+    """
+    for cls in type(module).__mro__:
+        if cls in _LINEAR_KINDS:
+            if type(module).forward is not cls.forward:
+                return None
+            if getattr(module, "groups", 1) != 1:
+                return None
+            return _LINEAR_KINDS[cls]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The style interface
+# --------------------------------------------------------------------------------------------
+
+
+class Style(abc.ABC):
+    """How one layer is split. Subclasses are frozen dataclasses: plain, printable data."""
+
+    #: collectives one call of the converted layer runs, by kind (for plan printing)
+    collectives: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        """Only the options that differ from their defaults: ``ColwiseParallel(unit=64)``."""
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def check(self, module: nn.Module, path: str, world_size: int) -> None:
+        """Raise ``TypeError``/``ValueError`` if this style cannot split ``module``."""
+
+    @abc.abstractmethod
+    def shard_specs(self, module: nn.Module, world_size: int) -> dict[str, Shard]:
+        """How each of ``module``'s own tensors is cut; tensors left out are replicated."""
+
+    @abc.abstractmethod
+    def convert(self, module: nn.Module, *, rank: int, comm: Communicator,
+                specs: Mapping[str, Shard]) -> None:
+        """Turn ``module`` (holding rank ``rank``'s slices already) into its parallel form."""
+
+
+@functools.lru_cache(maxsize=None)
+def _parallel_class(mixin: type, base: type) -> type:
+    return type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base), {})
+
+
+def _convert_class(module: nn.Module, mixin: type) -> None:
+    module.__class__ = _parallel_class(mixin, type(module))
+
+
+def _require_linear(style: Style, module: nn.Module, path: str) -> LinearKind:
+    kind = linear_kind(module)
+    if kind is None:
+        raise TypeError(
+            f"{type(style).__name__} cannot split '{path}' ({type(module).__name__}): it splits "
+            f"nn.Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d with groups=1 and their default "
+            f"forward; use Replicate() for this module or register_linear_kind() for its type")
+    return kind
+
+
+# --------------------------------------------------------------------------------------------
+# Column split
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class ColwiseParallel(Style):
+    """Split output features. The input must be replicated; the output is split by feature
+    unless ``gather_output=True``, which all-gathers it back to full size.
+
+    ``unit`` keeps groups of features together (a head of ``unit`` features is never cut).
+    ``parts`` says the output is that many equal blocks fused in one layer (``parts=3`` for
+    a fused q/k/v projection); each block is cut alike, so every rank keeps whole q, k and v
+    heads of the same indices.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        >>> plan = {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}
+        >>> model = tp.tensor_parallel(mlp, ["cpu", "cpu"], plan=plan)
+    """
+
+    gather_output: bool = False
+    unit: int = 1
+    parts: int = 1
+
+    @property
+    def collectives(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("all_gather",) if self.gather_output else ()
+
+    def check(self, module, path, world_size):
+        kind = _require_linear(self, module, path)
+        _check_unit(self, module.weight.shape[kind.out_dim], path, self.parts)
+        if self.gather_output and self.parts > 1:
+            raise ValueError(f"ColwiseParallel on '{path}': gather_output=True with parts={self.parts} "
+                             f"would gather the fused blocks out of order; keep the output split "
+                             f"and follow the layer with a RowwiseParallel layer")
+
+    def shard_specs(self, module, world_size):
+        kind = linear_kind(module)
+        shard = even_shard(module.weight.shape[kind.out_dim], world_size, kind.out_dim, self.unit,
+                           self.parts)
+        specs = {"weight": shard}
+        if module.bias is not None:
+            specs["bias"] = Shard(0, shard.size, shard.ranges)
+        return specs
+
+    def convert(self, module, *, rank, comm, specs):
+        kind = linear_kind(module)
+        module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, self.gather_output
+        setattr(module, kind.out_attr, specs["weight"].local_size(rank))
+        _convert_class(module, _ColumnParallel)
+
+
+class _ColumnParallel:
+    def forward(self, x, *args, **kwargs):
+        x = self.tp_comm.enter_parallel(x)
+        if self.weight.numel() == 0 and self.tp_kind.feature_dim != -1:
+            y = _apply_local(self.tp_kind, self, x)  # an empty slice: convolutions reject it
+        else:
+            y = super().forward(x, *args, **kwargs)
+        if self.tp_gather:
+            y = self.tp_comm.all_gather(y, self.tp_kind.feature_dim)
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# Row split
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class RowwiseParallel(Style):
+    """Split input features; one all-reduce sums the partial outputs, then the bias is added
+    once. The input may be split by feature (the output of a :class:`ColwiseParallel` layer:
+    no communication) or replicated (each rank then takes its own slice).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> layer = torch.nn.Sequential(torch.nn.Linear(8, 3))
+        >>> model = tp.tensor_parallel(layer, ["cpu", "cpu"], plan={"0": tp.RowwiseParallel()})
+        >>> model(torch.randn(2, 8)).shape
+        torch.Size([2, 3])
+    """
+
+    unit: int = 1
+    collectives = ("all_reduce",)
+
+    def check(self, module, path, world_size):
+        kind = _require_linear(self, module, path)
+        _check_unit(self, module.weight.shape[kind.in_dim], path)
+
+    def shard_specs(self, module, world_size):
+        kind = linear_kind(module)
+        return {"weight": even_shard(module.weight.shape[kind.in_dim], world_size, kind.in_dim, self.unit)}
+
+    def convert(self, module, *, rank, comm, specs):
+        kind = linear_kind(module)
+        shard = specs["weight"]
+        module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
+        setattr(module, kind.in_attr, shard.local_size(rank))
+        _convert_class(module, _RowParallel)
+
+
+class _RowParallel:
+    def forward(self, x, *args, **kwargs):
+        kind, shard = self.tp_kind, self.tp_input
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__} takes one input tensor, got extra arguments")
+        if x.shape[kind.feature_dim] == shard.size and shard.local_size(self.tp_rank) != shard.size:
+            x = Shard(kind.feature_dim, shard.size, shard.ranges).take(x, self.tp_rank)
+        y = self.tp_comm.all_reduce(_apply_local(kind, self, x))
+        if self.bias is not None:
+            shape = [1] * y.dim()
+            shape[kind.feature_dim] = -1
+            y = y + self.bias.view(shape)
+        return y
+
+
+def _apply_local(kind: LinearKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer without bias, also when this rank's slice of the weight is empty."""
+    weight = module.weight
+    if weight.numel() or kind.feature_dim == -1:
+        return kind.apply(module, x, weight)
+    # convolutions reject empty weights: pad one zero feature, then drop it again
+    grow = [1 if d == kind.out_dim else s for d, s in enumerate(weight.shape)]
+    if weight.shape[kind.out_dim] == 0:
+        padded = torch.cat([weight, weight.new_zeros(grow)], kind.out_dim)
+        return kind.apply(module, x, padded).narrow(kind.feature_dim, 0, 0)
+    grow = [1 if d == kind.in_dim else s for d, s in enumerate(weight.shape)]
+    padded = torch.cat([weight, weight.new_zeros(grow)], kind.in_dim)
+    x_shape = list(x.shape)
+    x_shape[kind.feature_dim] = 1
+    return kind.apply(module, torch.cat([x, x.new_zeros(x_shape)], kind.feature_dim), padded)
+
+
+def _check_unit(style: Style, size: int, path: str, parts: int = 1) -> None:
+    if size % (style.unit * parts):
+        raise ValueError(f"{type(style).__name__}(unit={style.unit}, parts={parts}) on '{path}': "
+                         f"{size} features are not {parts} blocks of whole units of {style.unit}; "
+                         f"pick a unit and parts whose product divides {size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class EmbeddingParallel(Style):
+    """Split an embedding table by vocabulary (``dim=0``: each rank looks up its own rows,
+    one all-reduce) or by embedding dimension (``dim=1``: one all-gather).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> emb = torch.nn.Sequential(torch.nn.Embedding(10, 4))
+        >>> model = tp.tensor_parallel(emb, ["cpu", "cpu"], plan={"0": tp.EmbeddingParallel(dim=0)})
+        >>> model(torch.tensor([[1, 9]])).shape
+        torch.Size([1, 2, 4])
+    """
+
+    dim: int = 0
+
+    @property
+    def collectives(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("all_reduce",) if self.dim == 0 else ("all_gather",)
+
+    def check(self, module, path, world_size):
+        if self.dim not in (0, 1):
+            raise ValueError(f"EmbeddingParallel(dim={self.dim}) on '{path}': dim must be 0 "
+                             f"(vocabulary) or 1 (embedding dimension)")
+        plain = type(module).forward in (nn.Embedding.forward, nn.EmbeddingBag.forward)
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or not plain:
+            raise TypeError(f"EmbeddingParallel cannot split '{path}' ({type(module).__name__}): "
+                            f"it splits nn.Embedding and nn.EmbeddingBag with their default forward")
+        if module.max_norm is not None:
+            raise TypeError(f"EmbeddingParallel cannot split '{path}': max_norm renormalises whole "
+                            f"rows in place; use Replicate() for it")
+        if self.dim == 0 and getattr(module, "scale_grad_by_freq", False):
+            raise TypeError(f"EmbeddingParallel(dim=0) cannot split '{path}': scale_grad_by_freq "
+                            f"counts ids over the whole vocabulary; use dim=1")
+        if isinstance(module, nn.EmbeddingBag) and self.dim == 0:
+            raise TypeError(f"EmbeddingParallel(dim=0) cannot split the EmbeddingBag '{path}' (its "
+                            f"mean and max modes do not add up across ranks); use dim=1")
+
+    def shard_specs(self, module, world_size):
+        return {"weight": even_shard(module.weight.shape[self.dim], world_size, self.dim)}
+
+    def convert(self, module, *, rank, comm, specs):
+        shard = specs["weight"]
+        module.tp_comm = comm
+        if self.dim == 1:
+            module.embedding_dim = shard.local_size(rank)
+            _convert_class(module, _DimParallelEmbedding)
+            return
+        ((start, stop),) = shard.ranges[rank]
+        module.tp_start, module.tp_stop = start, stop
+        module.num_embeddings = stop - start
+        if module.padding_idx is not None:
+            index = module.padding_idx % shard.size
+            module.padding_idx = index - start if start <= index < stop else None
+        _convert_class(module, _VocabParallelEmbedding)
+
+
+class _VocabParallelEmbedding:
+    def forward(self, ids):
+        outside = (ids < self.tp_start) | (ids >= self.tp_stop)
+        if self.tp_stop == self.tp_start:
+            out = self.weight.new_zeros((*ids.shape, self.embedding_dim))
+        else:
+            local = (ids - self.tp_start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight, self.padding_idx, sparse=self.sparse)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp_comm.all_reduce(out)
+
+
+class _DimParallelEmbedding:
+    def forward(self, *args, **kwargs):
+        return self.tp_comm.all_gather(super().forward(*args, **kwargs), -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Replicate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Replicate(Style):
+    """Keep the module whole on every device (the default for anything a plan leaves out).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.LayerNorm(4)), ["cpu", "cpu"],
+        ...                            plan={"0": tp.Replicate()})
+    """
+
+    def shard_specs(self, module, world_size):
+        return {}
+
+    def convert(self, module, *, rank, comm, specs):
+        return None

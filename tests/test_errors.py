@@ -1,0 +1,142 @@
+"""Bad input is refused at wrap time with a ValueError/TypeError that says what to change."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import tensor_parallel as tp
+
+
+def small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.LayerNorm(4))
+
+
+@pytest.mark.parametrize("device_ids, error, words", [
+    ([], ValueError, "empty"),
+    ("cpu", TypeError, "list of devices"),
+    (["cpu", 3.5], TypeError, "int, a str or a torch.device"),
+    (["cpu", "tpu:0"], ValueError, "not a device"),
+    (["cpu", "meta"], ValueError, "meta"),
+    (["cuda:7", "cuda:8"], ValueError, "CUDA device"),
+    ([0, 1], ValueError, "CUDA device"),
+])
+def test_bad_device_ids(device_ids, error, words):
+    if torch.cuda.is_available() and words == "CUDA device":
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(error, match=words):
+        tp.tensor_parallel(small(), device_ids)
+
+
+def test_no_gpu_and_no_device_ids():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(ValueError, match=r"\['cpu', 'cpu'\]"):
+        tp.tensor_parallel(small())
+
+
+def test_mixed_device_types():
+    with pytest.raises(ValueError, match="mixes device types"):
+        tp.parse_devices(["cpu", torch.device("cuda", 0)])
+
+
+def test_plan_pattern_matching_nothing_names_the_paths():
+    with pytest.raises(ValueError, match=r"'mlp\.\*' matches no module of Sequential; .*'0', '1'"):
+        tp.tensor_parallel(small(), ["cpu", "cpu"], plan={"mlp.*": tp.ColwiseParallel()})
+
+
+@pytest.mark.parametrize("plan, words", [
+    ({"3": tp.RowwiseParallel()}, r"RowwiseParallel cannot split '3' \(LayerNorm\)"),
+    ({"1": tp.ColwiseParallel()}, r"ColwiseParallel cannot split '1' \(ReLU\)"),
+    ({"0": tp.EmbeddingParallel()}, r"EmbeddingParallel cannot split '0' \(Linear\)"),
+    ({"0": tp.ColwiseParallel(unit=3)}, r"8 features are not 1 blocks of whole units of 3"),
+])
+def test_style_on_a_layer_it_cannot_split(plan, words):
+    with pytest.raises((TypeError, ValueError), match=words):
+        tp.tensor_parallel(small(), ["cpu", "cpu"], plan=plan)
+
+
+def test_plan_values_must_be_styles():
+    with pytest.raises(TypeError, match="must map a str pattern to a Style"):
+        tp.tensor_parallel(small(), ["cpu", "cpu"], plan={"0": "split 0"})
+    with pytest.raises(TypeError, match="plan must be a dict"):
+        tp.tensor_parallel(small(), ["cpu", "cpu"], plan=[("0", tp.ColwiseParallel())])
+
+
+def test_custom_forward_subclass_is_refused():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * self.out_features
+
+    with pytest.raises(TypeError, match="register_linear_kind"):
+        tp.tensor_parallel(nn.Sequential(Scaled(3, 4)), ["cpu", "cpu"], plan={"0": tp.ColwiseParallel()})
+
+
+def test_embedding_with_max_norm_is_refused_and_replicated_by_default():
+    module = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+    with pytest.raises(TypeError, match="max_norm"):
+        tp.tensor_parallel(module, ["cpu", "cpu"], plan={"0": tp.EmbeddingParallel()})
+    assert tp.plan_for(module) == {}
+
+
+def test_tied_weights_cut_differently_are_refused():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    module = nn.Sequential(emb, head)
+    with pytest.raises(ValueError, match=r"'0.weight' and '1.weight' share one tensor"):
+        tp.tensor_parallel(module, ["cpu", "cpu"], plan={"0": tp.EmbeddingParallel(dim=1)})
+
+
+def test_unknown_option_and_not_a_module():
+    with pytest.raises(TypeError, match="unexpected options"):
+        tp.tensor_parallel(small(), ["cpu", "cpu"], shard_everything=True)
+    with pytest.raises(TypeError, match="splits an nn.Module"):
+        tp.tensor_parallel(lambda x: x, ["cpu", "cpu"])
+
+
+def test_meta_input_is_refused():
+    model = tp.tensor_parallel(small(), ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="'meta' device"):
+        model(torch.empty(2, 4, device="meta"))
+
+
+def test_an_error_on_one_rank_reaches_the_caller_without_hanging():
+    class MayFail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+            self.fail = False
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.fail:
+                raise RuntimeError("boom on purpose")
+            return self.b(h)
+
+    model = tp.tensor_parallel(MayFail(), ["cpu"] * 3)
+    model.shards[1].fail = True  # rank 1 fails; ranks 0 and 2 wait in the all-reduce of b
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom on purpose") as info:
+        model(torch.randn(2, 4))
+    assert time.monotonic() - start < 5
+    assert "rank 1" in "".join(getattr(info.value, "__notes__", []))
+    model.shards[1].fail = False  # the model works again afterwards
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_worker_threads_end_with_the_model():
+    import gc
+    before = {t.name for t in threading.enumerate()}
+    model = tp.tensor_parallel(small(), ["cpu"] * 3)
+    model(torch.randn(1, 4))
+    del model
+    gc.collect()
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith("tensor_parallel-rank") and t.name not in before]
