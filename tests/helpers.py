@@ -44,7 +44,7 @@ def check_equivalence(module: nn.Module, inputs: tuple, n_devices: int, *,
     loss(expected).backward()
     loss(actual).backward()
     reference_grads = {k: p.grad for k, p in reference.named_parameters(remove_duplicate=False)}
-    for rank, shard in enumerate(model.shards):
+    for rank, shard in enumerate(model.module_shards):
         for key, param in shard.named_parameters(remove_duplicate=False):
             spec = model.layout[key]
             want = reference_grads[key] if spec is None else spec.take(reference_grads[key], rank)

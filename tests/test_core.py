@@ -195,7 +195,7 @@ def test_tied_weights_are_replicated_by_default(n):
     module = _seeded(TiedLM)
     model = check_equivalence(module, (torch.randint(0, 23, (2, 5)),), n)
     assert "emb" not in model.plan and "head" not in model.plan
-    shard = model.shards[0]
+    shard = model.module_shards[0]
     assert shard.head.weight is shard.emb.weight
 
 
@@ -204,7 +204,7 @@ def test_tied_weights_split_the_same_way_stay_tied(n):
     module = _seeded(TiedLM)
     plan = {"emb": tp.EmbeddingParallel(dim=0), "head": tp.ColwiseParallel(gather_output=True)}
     model = check_equivalence(module, (torch.randint(0, 23, (2, 5)),), n, plan=plan)
-    for shard in model.shards:
+    for shard in model.module_shards:
         assert shard.head.weight is shard.emb.weight
 
 
@@ -217,8 +217,8 @@ def test_uneven_split_sizes():
     assert tp.split_sizes(1000, 3) == [334, 333, 333]
     assert tp.split_sizes(2, 4) == [1, 1, 0, 0]
     model = tp.tensor_parallel(mlp(8, 1000, 8), cpu_devices(3))
-    assert [s[0].out_features for s in model.shards] == [334, 333, 333]
-    assert [s[2].in_features for s in model.shards] == [334, 333, 333]
+    assert [s[0].out_features for s in model.module_shards] == [334, 333, 333]
+    assert [s[2].in_features for s in model.module_shards] == [334, 333, 333]
 
 
 @pytest.mark.parametrize("n", [3, 4])
@@ -244,7 +244,7 @@ def test_column_unit_keeps_heads_whole(n):
     module = _seeded(lambda: mlp(8, 6 * 4, 8))
     plan = {"0": tp.ColwiseParallel(unit=4), "2": tp.RowwiseParallel(unit=4)}
     model = check_equivalence(module, (torch.randn(2, 8),), n, plan=plan)
-    assert all(s[0].out_features % 4 == 0 for s in model.shards)
+    assert all(s[0].out_features % 4 == 0 for s in model.module_shards)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_gradients_reach_the_input_and_accumulate():
         m(a).pow(2).sum().backward()  # accumulates into .grad
     assert_close(x1.grad, r1.grad, "input gradient")
     assert_close(model.unsharded_state_dict()["0.weight"], reference[0].weight.detach(), "weight")
-    full = torch.cat([s[0].weight.grad for s in model.shards], 0)
+    full = torch.cat([s[0].weight.grad for s in model.module_shards], 0)
     assert_close(full, reference[0].weight.grad, "accumulated gradient")
 
 
@@ -302,9 +302,9 @@ def test_backward_collectives_are_counted():
 def test_replicated_parameters_are_held_once_per_device():
     module = _seeded(lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 4)))
     model = tp.tensor_parallel(module, cpu_devices(3))
-    assert model.shards[0][1].weight is model.shards[2][1].weight
+    assert model.module_shards[0][1].weight is model.module_shards[2][1].weight
     names = {n for n, _ in model.named_parameters()}
-    assert "shards.0.1.weight" in names and "shards.2.1.weight" not in names
+    assert "module_shards.0.1.weight" in names and "module_shards.2.1.weight" not in names
     assert all(p.data_ptr() != q.data_ptr() for p in module.parameters() for q in model.parameters())
 
 
@@ -326,7 +326,7 @@ def test_state_dict_round_trip_and_unsharded_keys():
     assert full.keys() == module.state_dict().keys()
     for key, value in module.state_dict().items():
         assert torch.equal(full[key], value), key
-    assert "shards.0.0.weight" in model.state_dict()  # the context manager is undone
+    assert "module_shards.0.0.weight" in model.state_dict()  # the context manager is undone
 
 
 def test_plan_is_printable_data():

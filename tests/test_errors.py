@@ -120,13 +120,13 @@ def test_an_error_on_one_rank_reaches_the_caller_without_hanging():
             return self.b(h)
 
     model = tp.tensor_parallel(MayFail(), ["cpu"] * 3)
-    model.shards[1].fail = True  # rank 1 fails; ranks 0 and 2 wait in the all-reduce of b
+    model.module_shards[1].fail = True  # rank 1 fails; ranks 0 and 2 wait in the all-reduce of b
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="boom on purpose") as info:
         model(torch.randn(2, 4))
     assert time.monotonic() - start < 5
     assert "rank 1" in "".join(getattr(info.value, "__notes__", []))
-    model.shards[1].fail = False  # the model works again afterwards
+    model.module_shards[1].fail = False  # the model works again afterwards
     assert model(torch.randn(2, 4)).shape == (2, 4)
 
 

@@ -87,7 +87,7 @@ def megatron_plan(config: GPTConfig) -> dict:
 
 def _bytes_per_device(model) -> list[int]:
     sizes = []
-    for shard in model.shards:
+    for shard in model.module_shards:
         seen = {id(t): t for t in list(shard.parameters()) + list(shard.buffers())}
         sizes.append(sum(t.numel() * t.element_size() for t in seen.values()))
     return sizes

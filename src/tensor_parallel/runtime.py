@@ -252,7 +252,7 @@ class TensorParallel(nn.Module):
         group = ThreadGroup(devices, timeout=timeout)
         comms = [group.communicator(rank) for rank in range(world_size)]
         shards, self.layout = build_shards(module, self.plan, devices, comms)
-        self.shards = nn.ModuleList(shards)
+        self.module_shards = nn.ModuleList(shards)
         self._runner = ShardRunner(group)
         logger.info("split %s over %d devices: %d layers split, the rest replicated",
                     type(module).__name__, world_size, len(self.plan))
@@ -264,7 +264,7 @@ class TensorParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = [_to_device((args, kwargs), device) for device in self.devices]
-        calls = [self._call(shard, a, k) for shard, (a, k) in zip(self.shards, inputs)]
+        calls = [self._call(shard, a, k) for shard, (a, k) in zip(self.module_shards, inputs)]
         outputs = self._runner.run(calls)
         return _to_device(outputs[0], self.output_device)
 
@@ -283,7 +283,7 @@ class TensorParallel(nn.Module):
             >>> all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
             True
         """
-        states = [shard.state_dict() for shard in self.shards]
+        states = [shard.state_dict() for shard in self.module_shards]
         return {key: gather_tensor(shard, [s[key] for s in states], device)
                 for key, shard in self.layout.items()}
 

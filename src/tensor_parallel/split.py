@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Shard", "split_sizes", "even_shard", "build_shards", "gather_tensor"]
+__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,40 @@ def even_shard(size: int, world_size: int, dim: int, unit: int = 1, parts: int =
             ranges[rank].append((offset, offset + local))
             offset += local
     return Shard(dim=dim, size=size, ranges=tuple(tuple(r) for r in ranges))
+
+
+def assign_heads(num_heads: int, num_kv_heads: int, world_size: int) -> list[tuple[range, range]]:
+    """For each rank, the query heads and the key/value heads it holds.
+
+    Every rank gets whole heads, as evenly as possible. With grouped-query attention each rank
+    holds the key/value heads its query heads read; when there are fewer key/value heads than
+    ranks, a key/value head is replicated on the ranks that share its query group.
+
+    Example::
+
+        >>> assign_heads(14, 14, 4)   # uneven: 4/4/3/3 heads
+        [(range(0, 4), range(0, 4)), (range(4, 8), range(4, 8)), (range(8, 11), range(8, 11)), (range(11, 14), range(11, 14))]
+        >>> assign_heads(8, 2, 4)     # 2 KV heads over 4 ranks: each is held twice
+        [(range(0, 2), range(0, 1)), (range(2, 4), range(0, 1)), (range(4, 6), range(1, 2)), (range(6, 8), range(1, 2))]
+    """
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not form whole groups over {num_kv_heads} "
+                         f"key/value heads")
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= world_size or group == 1:
+        unit_sizes = split_sizes(num_kv_heads, world_size)
+        out, start = [], 0
+        for n in unit_sizes:
+            out.append((range(start * group, (start + n) * group), range(start, start + n)))
+            start += n
+        return out
+    out = []
+    for kv, ranks in enumerate(split_sizes(world_size, num_kv_heads)):
+        first = kv * group
+        for n in split_sizes(group, ranks):
+            out.append((range(first, first + n), range(kv, kv + 1) if n else range(kv, kv)))
+            first += n
+    return out
 
 
 def gather_tensor(shard: Shard | None, pieces: Sequence[torch.Tensor],
@@ -188,12 +222,13 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
     memo = {id(t): _placeholder(t) for t in originals.values()}
     origin = {id(memo[key]): t for key, t in originals.items()}
     specs = {path: style.shard_specs(module.get_submodule(path), world_size) for path, style in plan.items()}
+    tensor_specs = _by_owner(specs)
     materializer = _Materializer(origin)
     shards = []
     for rank, (device, comm) in enumerate(zip(devices, communicators)):
         skeleton = copy.deepcopy(module, memo=dict(memo))
         for path, sub in skeleton.named_modules(remove_duplicate=False):
-            local = specs.get(path, {})
+            local = tensor_specs.get(path, {})
             for table in (sub._parameters, sub._buffers):
                 for name, tensor in table.items():
                     if tensor is not None and id(tensor) in origin:
@@ -202,7 +237,18 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
         for path, style in plan.items():
             style.convert(skeleton.get_submodule(path), rank=rank, comm=comm, specs=specs[path])
         shards.append(skeleton)
-    return shards, _layout(module, specs)
+    return shards, _layout(module, tensor_specs)
+
+
+def _by_owner(specs: Mapping[str, Mapping[str, Shard]]) -> dict[str, dict[str, Shard]]:
+    """Style path -> {"child.weight": Shard} becomes owner path -> {"weight": Shard}."""
+    owners: dict[str, dict[str, Shard]] = {}
+    for path, table in specs.items():
+        for key, shard in table.items():
+            full = f"{path}.{key}" if path else key
+            owner, _, name = full.rpartition(".")
+            owners.setdefault(owner, {})[name] = shard
+    return owners
 
 
 def _all_tensors(module: nn.Module) -> dict[int, torch.Tensor]:

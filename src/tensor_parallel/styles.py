@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import Communicator
-from .split import Shard, even_shard
+from .split import Shard, assign_heads, even_shard
 
 __all__ = [
     "Style",
+    "AttentionParallel",
     "ColwiseParallel",
     "RowwiseParallel",
     "EmbeddingParallel",
@@ -53,8 +54,8 @@ class LinearKind:
     out_dim: int
     in_dim: int
     feature_dim: int
-    out_attr: str
-    in_attr: str
+    out_attr: str | None
+    in_attr: str | None
     apply: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -207,7 +208,8 @@ class ColwiseParallel(Style):
     def convert(self, module, *, rank, comm, specs):
         kind = linear_kind(module)
         module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, self.gather_output
-        setattr(module, kind.out_attr, specs["weight"].local_size(rank))
+        if kind.out_attr:
+            setattr(module, kind.out_attr, specs["weight"].local_size(rank))
         _convert_class(module, _ColumnParallel)
 
 
@@ -258,7 +260,8 @@ class RowwiseParallel(Style):
         kind = linear_kind(module)
         shard = specs["weight"]
         module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
-        setattr(module, kind.in_attr, shard.local_size(rank))
+        if kind.in_attr:
+            setattr(module, kind.in_attr, shard.local_size(rank))
         _convert_class(module, _RowParallel)
 
 
@@ -299,6 +302,149 @@ def _check_unit(style: Style, size: int, path: str, parts: int = 1) -> None:
         raise ValueError(f"{type(style).__name__}(unit={style.unit}, parts={parts}) on '{path}': "
                          f"{size} features are not {parts} blocks of whole units of {style.unit}; "
                          f"pick a unit and parts whose product divides {size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: whole heads per rank, grouped-query aware
+# --------------------------------------------------------------------------------------------
+
+#: per-rank quantities an attention module's attributes can be set to
+HEAD_QUANTITIES = ("heads", "kv_heads", "groups", "width", "kv_width", "qkv_width")
+
+#: how q, k and v sit in one fused projection
+QKV_LAYOUTS = ("blocks", "per_head", "grouped")
+
+
+@dataclass(frozen=True, repr=False)
+class AttentionParallel(Style):
+    """Split an attention module by heads: its q/k/v projections by column, its output
+    projection by row (one all-reduce), every rank holding whole heads.
+
+    Heads that do not divide by the device count are split unevenly (14 over 4: 4/4/3/3).
+    With grouped-query attention each rank holds the key/value heads its query heads read;
+    with more ranks than key/value heads, those are replicated. ``attributes`` names the
+    module attributes its forward reads that must become per-rank values, as pairs of
+    (attribute, quantity) with quantity one of ``heads``, ``kv_heads``, ``groups``
+    (query heads per key/value head), ``width`` (heads x head_dim), ``kv_width`` and
+    ``qkv_width``.
+
+    Projections are separate (``q``, ``k``, ``v``) or fused in one (``qkv``) with ``layout``
+    ``"blocks"`` (all q, then all k, then all v: GPT-2, Phi-3), ``"per_head"`` (q, k, v of
+    head 0, then of head 1...: GPT-NeoX, BLOOM) or ``"grouped"`` (per key/value head, its
+    query heads then k then v: Falcon).
+
+    Example::
+
+        >>> import tensor_parallel as tp
+        >>> tp.AttentionParallel(num_heads=14, head_dim=64, num_kv_heads=2,
+        ...                      attributes=(("num_key_value_groups", "groups"),))
+        AttentionParallel(num_heads=14, head_dim=64, num_kv_heads=2, attributes=(('num_key_value_groups', 'groups'),))
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+    layout: str = "blocks"
+    attributes: tuple[tuple[str, str], ...] = ()
+    collectives = ("all_reduce",)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (the query heads when not given)."""
+        return self.num_kv_heads or self.num_heads
+
+    def _projections(self) -> list[str]:
+        return [self.qkv] if self.qkv else [p for p in (self.q, self.k, self.v) if p]
+
+    def check(self, module, path, world_size):
+        if self.layout not in QKV_LAYOUTS:
+            raise ValueError(f"AttentionParallel on '{path}': layout must be one of {QKV_LAYOUTS}")
+        if self.layout == "per_head" and self.qkv and self.kv_heads != self.num_heads:
+            raise ValueError(f"AttentionParallel on '{path}': the per_head layout needs as many "
+                             f"key/value heads as query heads")
+        for name, quantity in self.attributes:
+            if quantity not in HEAD_QUANTITIES:
+                raise ValueError(f"AttentionParallel on '{path}': attribute {name!r} asks for "
+                                 f"{quantity!r}; use one of {HEAD_QUANTITIES}")
+        assign_heads(self.num_heads, self.kv_heads, world_size)
+        for name in self._projections() + [self.o]:
+            try:
+                child = module.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"AttentionParallel on '{path}': it has no submodule {name!r}; "
+                                 f"name its projections with q=, k=, v=, o= or qkv=") from None
+            _require_linear(self, child, f"{path}.{name}")
+        expected = {"q": self.num_heads, "k": self.kv_heads, "v": self.kv_heads,
+                    "qkv": self.num_heads + 2 * self.kv_heads}
+        for role in ("q", "k", "v", "qkv"):
+            name = getattr(self, role)
+            if name and (role == "qkv" or not self.qkv):
+                child = module.get_submodule(name)
+                size = child.weight.shape[linear_kind(child).out_dim]
+                if size != expected[role] * self.head_dim:
+                    raise ValueError(f"AttentionParallel on '{path}': {name} has {size} output "
+                                     f"features, not {expected[role]} heads of {self.head_dim}")
+
+    def shard_specs(self, module, world_size):
+        heads = assign_heads(self.num_heads, self.kv_heads, world_size)
+        specs: dict[str, Shard] = {}
+        for role, name in (("q", self.q), ("k", self.k), ("v", self.v), ("qkv", self.qkv)):
+            if not name or (self.qkv and role != "qkv"):
+                continue
+            child = module.get_submodule(name)
+            kind = linear_kind(child)
+            ranges = tuple(self._ranges(role, q, kv) for q, kv in heads)
+            size = child.weight.shape[kind.out_dim]
+            specs[f"{name}.weight"] = Shard(kind.out_dim, size, ranges)
+            if child.bias is not None:
+                specs[f"{name}.bias"] = Shard(0, size, ranges)
+        out = module.get_submodule(self.o)
+        kind = linear_kind(out)
+        ranges = tuple(self._ranges("q", q, kv) for q, kv in heads)
+        specs[f"{self.o}.weight"] = Shard(kind.in_dim, out.weight.shape[kind.in_dim], ranges)
+        return specs
+
+    def _ranges(self, role: str, q: range, kv: range) -> tuple[tuple[int, int], ...]:
+        d, h, k = self.head_dim, self.num_heads, self.kv_heads
+
+        def span(heads: range, width: int, offset: int = 0):
+            return ((offset + heads.start * width, offset + heads.stop * width),) if len(heads) else ()
+
+        if role == "q":
+            return span(q, d)
+        if role in ("k", "v"):
+            return span(kv, d)
+        if self.layout == "blocks":
+            return span(q, d) + span(kv, d, h * d) + span(kv, d, (h + k) * d)
+        if self.layout == "per_head":
+            return span(q, 3 * d)
+        group = h // k
+        out: tuple[tuple[int, int], ...] = ()
+        for g in kv:  # grouped: block g = [its query heads | k | v]
+            base = g * (group + 2) * d
+            mine = range(max(q.start, g * group), min(q.stop, (g + 1) * group))
+            out += span(range(mine.start - g * group, mine.stop - g * group), d, base)
+            out += ((base + group * d, base + (group + 2) * d),)
+        return out
+
+    def convert(self, module, *, rank, comm, specs):
+        for name in self._projections():
+            child = module.get_submodule(name)
+            child_specs = {key.rpartition(".")[2]: s for key, s in specs.items() if key.rpartition(".")[0] == name}
+            ColwiseParallel().convert(child, rank=rank, comm=comm, specs=child_specs)
+        RowwiseParallel().convert(module.get_submodule(self.o), rank=rank, comm=comm,
+                                  specs={"weight": specs[f"{self.o}.weight"]})
+        q, kv = assign_heads(self.num_heads, self.kv_heads, comm.world_size)[rank]
+        values = {"heads": len(q), "kv_heads": len(kv), "groups": len(q) // max(len(kv), 1),
+                  "width": len(q) * self.head_dim, "kv_width": len(kv) * self.head_dim,
+                  "qkv_width": (len(q) + 2 * len(kv)) * self.head_dim}
+        for name, quantity in self.attributes:
+            setattr(module, name, values[quantity])
 
 
 # --------------------------------------------------------------------------------------------
