@@ -9,6 +9,7 @@ autocast settings are carried into every worker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -24,7 +25,7 @@ from .plan import plan_for, resolve_plan
 from .split import build_shards, gather_tensor
 from .styles import Style
 
-__all__ = ["TensorParallel", "tensor_parallel", "parse_devices"]
+__all__ = ["TensorParallel", "tensor_parallel", "parse_devices", "RankLocal"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,18 @@ def _stop_all(workers: Sequence[_Worker]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _to_device(tree: Any, device: torch.device) -> Any:
+class RankLocal:
+    """An input that is a different object on each rank (a KV cache, say): on rank ``r`` the
+    shard receives ``for_rank(r)`` instead of this object."""
+
+    def for_rank(self, rank: int) -> Any:
+        raise NotImplementedError
+
+
+def _to_device(tree: Any, device: torch.device, rank: int = 0) -> Any:
     def move(leaf):
+        if isinstance(leaf, RankLocal):
+            return leaf.for_rank(rank)
         if isinstance(leaf, torch.Tensor):
             if leaf.device.type == "meta":
                 raise ValueError("an input tensor is on the 'meta' device and holds no data; pass "
@@ -263,14 +274,28 @@ class TensorParallel(nn.Module):
         return len(self.devices)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = [_to_device((args, kwargs), device) for device in self.devices]
-        calls = [self._call(shard, a, k) for shard, (a, k) in zip(self.module_shards, inputs)]
-        outputs = self._runner.run(calls)
-        return _to_device(outputs[0], self.output_device)
+        return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
 
-    @staticmethod
-    def _call(shard: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
-        return lambda: shard(*args, **kwargs)
+    def forward_output(self, output: Any) -> Any:
+        """``output`` (rank 0's result) moved to :attr:`output_device`."""
+        return _to_device(output, self.output_device)
+
+    def run_shards(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``fn(shard, *args, **kwargs)`` on every rank at once, with the arguments moved
+        to that rank's device (and :class:`RankLocal` ones resolved); return every rank's result.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+            >>> [out.shape for out in model.run_shards(lambda shard, x: shard(x), torch.ones(1, 2))]
+            [torch.Size([1, 4]), torch.Size([1, 4])]
+        """
+        calls = []
+        for rank, (shard, device) in enumerate(zip(self.module_shards, self.devices)):
+            rank_args, rank_kwargs = _to_device((args, kwargs), device, rank)
+            calls.append(functools.partial(fn, shard, *rank_args, **rank_kwargs))
+        return self._runner.run(calls)
 
     def unsharded_state_dict(self, device: DeviceLike = "cpu") -> dict[str, torch.Tensor]:
         """The original module's ``state_dict``: same keys, full tensors, gathered on ``device``.
@@ -289,6 +314,16 @@ class TensorParallel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"devices={[str(d) for d in self.devices]}"
+
+
+def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return shard(*args, **kwargs)
+
+
+def _is_hf_pretrained(module: nn.Module) -> bool:
+    """A transformers PreTrainedModel, recognised without importing transformers."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
 
 
 def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
@@ -313,5 +348,9 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
                         f"device_ids, plan, output_device and {sorted(allowed)}")
+    if _is_hf_pretrained(module):
+        from .hf import TensorParallelPreTrainedModel
+        return TensorParallelPreTrainedModel(module, device_ids, output_device=output_device,
+                                             plan=plan, **options)
     return TensorParallel(module, device_ids, plan=plan, output_device=output_device, **options)
 

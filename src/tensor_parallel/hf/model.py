@@ -1,0 +1,221 @@
+"""TensorParallelPreTrainedModel: a split transformers model that is itself a PreTrainedModel."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from ..runtime import DeviceLike, RankLocal, TensorParallel
+from ..styles import Style
+from .plans import plan_for_pretrained
+
+__all__ = ["TensorParallelPreTrainedModel", "ShardedCache"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+class ShardedCache(Cache, RankLocal):
+    """One KV cache per rank behind one Cache object: each rank's attention writes only the
+    heads it holds, on its own device, and no cache is ever communicated.
+
+    ``generate`` sees this object: queries go to rank 0's cache (all ranks hold the same
+    positions), and changes (beam reordering, cropping, batch selection) go to every rank.
+    """
+
+    _broadcast = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
+                  "reset", "early_initialization", "offload", "prefetch")
+
+    def __init__(self, caches: Sequence[Cache]) -> None:  # no Cache.__init__: state lives per rank
+        self.caches = list(caches)
+
+    def for_rank(self, rank: int) -> Cache:
+        return self.caches[rank]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "caches":
+            raise AttributeError(name)
+        if name in ShardedCache._broadcast:
+            return functools.partial(self._call_all, name)
+        return getattr(self.caches[0], name)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ShardedCache._broadcast or name in _DELEGATED_TO_RANK0:
+            return ShardedCache.__getattr__(self, name)
+        return object.__getattribute__(self, name)
+
+    def _call_all(self, name: str, *args: Any, **kwargs: Any) -> None:
+        for cache in self.caches:
+            moved = [_to_cache_device(a, cache) for a in args]
+            getattr(cache, name)(*moved, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.caches[0])
+
+    def __repr__(self) -> str:
+        return f"ShardedCache({len(self.caches)} x {type(self.caches[0]).__name__})"
+
+
+# Cache's own methods read its layers; a ShardedCache has none, so they go to rank 0's cache.
+_DELEGATED_TO_RANK0 = {name for name, _ in inspect.getmembers(Cache)
+                       if not name.startswith("__") and name not in ShardedCache._broadcast}
+
+
+def _to_cache_device(value: Any, cache: Cache) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return value.to(keys.device)
+    return value
+
+
+class _ParallelEncoder(nn.Module):
+    """The encoder of every shard, run together (what ``generate`` calls for encoder-decoders)."""
+
+    def __init__(self, wrapped: TensorParallel) -> None:
+        super().__init__()
+        self._wrapped = [wrapped]  # not a submodule: its parameters belong to the parent model
+        encoder = wrapped.module_shards[0].get_encoder()
+        self.main_input_name = getattr(encoder, "main_input_name", "input_ids")
+        run = functools.wraps(encoder.forward)(self._run)
+        object.__setattr__(self, "forward", run)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        wrapped = self._wrapped[0]
+        outputs = wrapped.run_shards(lambda shard, *a, **k: shard.get_encoder()(*a, **k), *args, **kwargs)
+        return outputs[0]
+
+
+class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
+    """A transformers model split over several devices; itself a ``PreTrainedModel``.
+
+    ``forward``, ``generate`` (greedy, sampling, beam search, with or without the KV cache) and
+    the loss work as on the original model. Each rank keeps its own KV cache of the heads it
+    holds, so generation communicates only the per-layer all-reduces.
+
+    Example::
+
+        >>> import torch, transformers, tensor_parallel as tp
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.LlamaForCausalLM(config).eval()
+        >>> split = tp.TensorParallelPreTrainedModel(model, ["cpu", "cpu"])
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> torch.equal(split.generate(ids, max_new_tokens=4, do_sample=False),
+        ...             model.generate(ids, max_new_tokens=4, do_sample=False))
+        True
+    """
+
+    config_class = PretrainedConfig
+    is_parallelizable = True
+    model_parallel = True
+    # attention runs inside the shards, with the wrapped model's own implementation: the
+    # wrapper must not refuse one (the original library broke on transformers 4.36 here)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
+                 output_device: DeviceLike | None = None, *, plan: Mapping[str, Style] | None = None,
+                 **options: Any) -> None:
+        if not isinstance(module, PreTrainedModel):
+            raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
+                            f"{type(module).__name__}; use tp.tensor_parallel() for other modules")
+        super().__init__(copy.deepcopy(module.config))
+        world_size = len(device_ids) if device_ids is not None else max(torch.cuda.device_count(), 1)
+        if plan is None:
+            plan = plan_for_pretrained(module, world_size)
+        self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
+                                            **options)
+        self._adopt_generation_hooks(module)
+
+    def _adopt_generation_hooks(self, module: PreTrainedModel) -> None:
+        """Take over what generation reads from the model class (first shard's implementation)."""
+        first = self.wrapped_model.module_shards[0]
+        if getattr(module, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(module.generation_config)
+        self.main_input_name = module.main_input_name
+        for name in ("prepare_inputs_for_generation", "_validate_model_kwargs", "can_generate",
+                     "_supports_default_dynamic_cache", "_is_stateful", "_reorder_cache",
+                     "_supports_logits_to_keep", "_prepare_encoder_decoder_kwargs_for_generation"):
+            if name == "_reorder_cache" and not hasattr(first, name):
+                continue
+            if hasattr(first, name):
+                object.__setattr__(self, name, getattr(first, name))
+
+    @property
+    def module_shards(self) -> nn.ModuleList:
+        """One shard of the original model per device."""
+        return self.wrapped_model.module_shards
+
+    @property
+    def plan(self) -> dict[str, Style]:
+        """The plan the model was split with (module path -> style)."""
+        return self.wrapped_model.plan
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices, one per shard."""
+        return self.wrapped_model.devices
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        name = next((n for n in _CACHE_NAMES if n in kwargs), None)
+        given = kwargs.get(name) if name else None
+        if given is not None and not isinstance(given, ShardedCache):
+            kwargs[name] = self._shard_cache(given)
+        outputs = self.wrapped_model.run_shards(_call, *args, **kwargs)
+        result = self.wrapped_model.forward_output(outputs[0])
+        return _adopt_caches(result, outputs, kwargs.get(name) if name else None)
+
+    def _shard_cache(self, cache: Any) -> ShardedCache:
+        if not isinstance(cache, Cache):
+            raise TypeError(f"a KV cache must be a transformers Cache object, got {type(cache).__name__}")
+        if cache.get_seq_length() != 0:
+            raise ValueError("this KV cache already holds tokens computed outside the split model; pass "
+                             "the cache the split model returned (outputs.past_key_values), or a new one")
+        return ShardedCache([copy.deepcopy(cache) for _ in self.wrapped_model.module_shards])
+
+    def get_encoder(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """The encoder of every shard, run together (encoder-decoder models)."""
+        return _ParallelEncoder(self.wrapped_model)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.module_shards[0].get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.module_shards[0].get_output_embeddings()
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """The shards keep the original model's ties; nothing to do."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Weights come from the wrapped model; never re-initialise them."""
+
+
+def _call(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return shard(*args, **kwargs)
+
+
+def _adopt_caches(result: Any, outputs: Sequence[Any], given: ShardedCache | None) -> Any:
+    """Put one ShardedCache of every rank's cache where rank 0's cache is in the output."""
+    if not hasattr(result, "keys"):
+        return result
+    for name in _CACHE_NAMES:
+        if name in result.keys() and isinstance(result[name], Cache):
+            if given is not None and result[name] is given.caches[0]:
+                result[name] = given
+            else:
+                result[name] = ShardedCache([out[name] for out in outputs])
+    return result

@@ -1,0 +1,215 @@
+"""Plans for transformers architectures, in the Megatron layout.
+
+Built-in plans (:data:`BUILTIN_PLANS`) cut attention by whole heads (grouped-query aware),
+MLPs column -> row, and the embedding and LM head by vocabulary: two all-reduces per decoder
+layer, plus one collective for the embedding and one for the logits. Architectures without a
+built-in plan use the ``base_model_tp_plan`` their config ships, translated into our styles;
+the rest fall back to the generic default plan (always correct, gathers after each layer).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Callable
+
+from torch import nn
+
+from ..plan import Plan, plan_for
+from ..styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, LinearKind,
+                      Replicate, RowwiseParallel, Style, register_linear_kind)
+
+__all__ = ["BUILTIN_PLANS", "plan_for_pretrained", "translate_tp_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+def _register_conv1d() -> None:
+    """transformers' Conv1D (GPT-2): a Linear with its weight stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    register_linear_kind(Conv1D, LinearKind(out_dim=1, in_dim=0, feature_dim=-1, out_attr="nf",
+                                            in_attr=None, apply=lambda m, x, w: x @ w))
+
+
+_register_conv1d()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _base(module: nn.Module) -> str:
+    """Path prefix of the base model inside ``module`` ("model." for LlamaForCausalLM)."""
+    prefix = getattr(module, "base_model_prefix", "")
+    if prefix and isinstance(getattr(module, prefix, None), nn.Module):
+        return prefix + "."
+    return ""
+
+
+def _heads(config, heads="num_attention_heads", kv="num_key_value_heads") -> tuple[int, int, int]:
+    num_heads = getattr(config, heads)
+    num_kv = getattr(config, kv, None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_heads, num_kv, head_dim
+
+
+def _tied(module: nn.Module) -> bool:
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    return embeddings is not None and head is not None and head.weight is embeddings.weight
+
+
+def _embedding_and_head(module: nn.Module, embedding: str, head: str = "lm_head") -> Plan:
+    """Vocabulary-split embedding and LM head (they stay tied when tied); else the cheaper
+    embedding-dim split of the embedding (an all-gather instead of an all-reduce)."""
+    tied = _tied(module)
+    plan: Plan = {embedding: EmbeddingParallel(dim=0 if tied else 1)}
+    if isinstance(getattr(module, head, None), nn.Module):
+        plan[head] = ColwiseParallel(gather_output=True)
+    return plan
+
+
+def _matches(module: nn.Module, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for path, _ in module.named_modules())
+
+
+def _present(module: nn.Module, plan: Plan) -> Plan:
+    """Drop entries for modules this model does not have (a base model has no LM head)."""
+    return {pattern: style for pattern, style in plan.items() if _matches(module, pattern)}
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in plans
+# --------------------------------------------------------------------------------------------
+
+
+def _llama_like(module: nn.Module) -> Plan:
+    """llama, mistral, qwen2, qwen3, gemma, gemma2 and their kin."""
+    config, base = module.config, _base(module)
+    num_heads, num_kv, head_dim = _heads(config)
+    layer = f"{base}layers.*"
+    plan = _embedding_and_head(module, f"{base}embed_tokens")
+    plan.update({
+        f"{layer}.self_attn": AttentionParallel(num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv,
+                                                attributes=(("num_key_value_groups", "groups"),)),
+        f"{layer}.mlp.gate_proj": ColwiseParallel(),
+        f"{layer}.mlp.up_proj": ColwiseParallel(),
+        f"{layer}.mlp.down_proj": RowwiseParallel(),
+    })
+    return plan
+
+
+BUILTIN_PLANS: dict[str, Callable[[nn.Module], Plan]] = {
+    "llama": _llama_like,
+    "mistral": _llama_like,
+    "qwen2": _llama_like,
+    "qwen3": _llama_like,
+    "gemma": _llama_like,
+    "gemma2": _llama_like,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped tp_plans
+# --------------------------------------------------------------------------------------------
+
+_SIMPLE_STYLES: dict[str, Style] = {
+    "colwise": ColwiseParallel(),
+    "rowwise": RowwiseParallel(),
+    "rowwise_split_input": RowwiseParallel(),
+    "colwise_gather_output": ColwiseParallel(gather_output=True),
+    "packed_colwise": ColwiseParallel(parts=2),
+    "embedding_rowwise": EmbeddingParallel(dim=0),
+    "embedding_colwise": EmbeddingParallel(dim=1),
+}
+
+
+def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str]) -> Plan:
+    """Our plan for a transformers ``base_model_tp_plan`` (paths relative to the base model).
+
+    q/k/v column splits with an o row split under one module become one
+    :class:`AttentionParallel` (whole heads, uneven and GQA-aware); entries we cannot express
+    (expert parallelism, MLA projections) are left replicated, which is always correct.
+
+    Example::
+
+        >>> import transformers
+        >>> from tensor_parallel.hf import translate_tp_plan
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.LlamaForCausalLM(config)
+        >>> sorted(translate_tp_plan(model, config.base_model_tp_plan))[:2]
+        ['model.layers.*.mlp.down_proj', 'model.layers.*.mlp.gate_proj']
+    """
+    base = _base(module)
+    plan: Plan = {}
+    attention_parents: dict[str, dict[str, str]] = {}
+    for pattern, action in tp_plan.items():
+        parent, _, leaf = pattern.rpartition(".")
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") and action in ("colwise", "rowwise"):
+            attention_parents.setdefault(parent, {})[leaf] = action
+    for parent, roles in attention_parents.items():
+        style = _attention_from_config(module, base + parent, roles)
+        if style is not None:
+            plan[base + parent] = style
+    for pattern, action in tp_plan.items():
+        parent, _, leaf = pattern.rpartition(".")
+        if base + parent in plan and leaf in attention_parents.get(parent, {}):
+            continue
+        style = _SIMPLE_STYLES.get(action)
+        if style is None:
+            logger.info("tp_plan entry %r: %r is not translated; that module stays whole", pattern, action)
+            continue
+        plan[base + pattern] = style
+    return _present(module, plan)
+
+
+def _attention_from_config(module: nn.Module, path: str, roles: dict[str, str]) -> AttentionParallel | None:
+    if roles != {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}:
+        return None
+    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    try:
+        num_heads, num_kv, head_dim = _heads(config)
+    except (AttributeError, TypeError):
+        return None
+    style = AttentionParallel(num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv,
+                              attributes=(("num_key_value_groups", "groups"),))
+    for sub_path, sub in module.named_modules():
+        if fnmatch.fnmatchcase(sub_path, path):
+            try:
+                style.check(sub, sub_path, 1)
+            except (TypeError, ValueError) as error:
+                logger.info("tp_plan attention at %s kept as plain splits: %s", path, error)
+                return None
+    return style
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing
+# --------------------------------------------------------------------------------------------
+
+
+def plan_for_pretrained(module: nn.Module, world_size: int) -> Plan:
+    """The plan for a transformers model: built-in, else translated tp_plan, else generic.
+
+    Example::
+
+        >>> import transformers
+        >>> from tensor_parallel.hf import plan_for_pretrained
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        >>> plan = plan_for_pretrained(transformers.LlamaForCausalLM(config), 2)
+        >>> plan["model.layers.*.mlp.down_proj"]
+        RowwiseParallel()
+    """
+    model_type = getattr(module.config, "model_type", None)
+    if model_type in BUILTIN_PLANS:
+        return _present(module, BUILTIN_PLANS[model_type](module))
+    tp_plan = getattr(module.config, "base_model_tp_plan", None) or {}
+    if tp_plan:
+        logger.info("%s: no built-in plan; translating the tp_plan its config ships", model_type)
+        return translate_tp_plan(module, dict(tp_plan))
+    logger.info("%s: no built-in or shipped plan; using the generic default plan", model_type)
+    return plan_for(module, world_size)
