@@ -28,6 +28,19 @@ def cpu_devices(n: int) -> list[str]:
     return ["cpu"] * n
 
 
+def assert_gradients_match(model: tp.TensorParallel, reference: nn.Module) -> None:
+    """Every parameter of every shard holds its slice of the unsharded gradient."""
+    reference_grads = {k: p.grad for k, p in reference.named_parameters(remove_duplicate=False)}
+    for rank, shard in enumerate(model.module_shards):
+        for key, param in shard.named_parameters(remove_duplicate=False):
+            spec = model.layout[key]
+            if param.numel() == 0:  # an empty slice (layer smaller than the device count)
+                continue
+            assert param.grad is not None, f"rank {rank} {key}: no gradient"
+            want = reference_grads[key] if spec is None else spec.take(reference_grads[key], rank)
+            assert_close(param.grad, want, f"gradient of {key} on rank {rank}")
+
+
 def check_equivalence(module: nn.Module, inputs: tuple, n_devices: int, *,
                       plan=None, loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       lr: float = 0.1) -> tp.TensorParallel:
@@ -43,15 +56,7 @@ def check_equivalence(module: nn.Module, inputs: tuple, n_devices: int, *,
 
     loss(expected).backward()
     loss(actual).backward()
-    reference_grads = {k: p.grad for k, p in reference.named_parameters(remove_duplicate=False)}
-    for rank, shard in enumerate(model.module_shards):
-        for key, param in shard.named_parameters(remove_duplicate=False):
-            spec = model.layout[key]
-            want = reference_grads[key] if spec is None else spec.take(reference_grads[key], rank)
-            if param.numel() == 0:  # an empty slice (layer smaller than the device count)
-                continue
-            assert param.grad is not None, f"rank {rank} {key}: no gradient"
-            assert_close(param.grad, want, f"gradient of {key} on rank {rank}")
+    assert_gradients_match(model, reference)
 
     torch.optim.SGD(reference.parameters(), lr=lr).step()
     torch.optim.SGD(model.parameters(), lr=lr).step()

@@ -42,4 +42,16 @@ __all__ = [
     "Communicator",
     "save_tensor_parallel",
     "parse_devices",
+    "TensorParallelPreTrainedModel",
 ]
+
+_HF_NAMES = {"TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan"}
+
+
+def __getattr__(name: str):
+    """Hugging Face names load transformers only when first used."""
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'tensor_parallel' has no attribute {name!r}")

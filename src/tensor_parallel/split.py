@@ -190,7 +190,10 @@ class _Materializer:
         original = self.origin[id(placeholder)]
         self._check_tie(original, shard, where)
         is_param = isinstance(placeholder, nn.Parameter)
-        key = (id(original), shard, rank if (shard is not None or not is_param) else None, device)
+        # a parameter slice that several ranks on one device hold (a replicated tensor, a
+        # replicated KV head) is one Parameter, so their gradients add up as in the original
+        piece = None if shard is None else (shard.dim, shard.ranges[rank])
+        key = (id(original), piece, device, None if is_param else rank)
         if key not in self.cache:
             data = original if shard is None else shard.take(original, rank)
             data = _compact_copy(data, device)

@@ -476,10 +476,10 @@ class EmbeddingParallel(Style):
         if self.dim not in (0, 1):
             raise ValueError(f"EmbeddingParallel(dim={self.dim}) on '{path}': dim must be 0 "
                              f"(vocabulary) or 1 (embedding dimension)")
-        plain = type(module).forward in (nn.Embedding.forward, nn.EmbeddingBag.forward)
-        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or not plain:
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise TypeError(f"EmbeddingParallel cannot split '{path}' ({type(module).__name__}): "
-                            f"it splits nn.Embedding and nn.EmbeddingBag with their default forward")
+                            f"it splits nn.Embedding and nn.EmbeddingBag (and subclasses whose "
+                            f"forward looks up, then scales)")
         if module.max_norm is not None:
             raise TypeError(f"EmbeddingParallel cannot split '{path}': max_norm renormalises whole "
                             f"rows in place; use Replicate() for it")
@@ -510,15 +510,14 @@ class EmbeddingParallel(Style):
 
 
 class _VocabParallelEmbedding:
-    def forward(self, ids):
+    def forward(self, ids, *args, **kwargs):
         outside = (ids < self.tp_start) | (ids >= self.tp_stop)
-        if self.tp_stop == self.tp_start:
-            out = self.weight.new_zeros((*ids.shape, self.embedding_dim))
-        else:
-            local = (ids - self.tp_start).masked_fill(outside, 0)
-            out = F.embedding(local, self.weight, self.padding_idx, sparse=self.sparse)
-            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return self.tp_comm.all_reduce(out)
+        if self.tp_stop == self.tp_start:  # an empty slice: look up a zero row instead
+            zero = self.weight.new_zeros((1, self.embedding_dim))
+            out = F.embedding(torch.zeros_like(ids), zero)
+        else:  # the subclass's forward (a scaled embedding, say) on this rank's rows
+            out = super().forward((ids - self.tp_start).masked_fill(outside, 0), *args, **kwargs)
+        return self.tp_comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
 class _DimParallelEmbedding:
