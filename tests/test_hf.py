@@ -9,9 +9,22 @@ import torch
 
 import tensor_parallel as tp
 from helpers import assert_close, assert_gradients_match
-from hf_models import CONFIGS, VOCAB, build, num_layers
+from hf_models import CONFIGS, ENCODERS, SEQ2SEQ, VOCAB, build, num_layers
 
 ARCHITECTURES = sorted(CONFIGS)
+GENERATORS = sorted(set(CONFIGS) - ENCODERS)
+
+
+def _inputs(name, ids):
+    return {"decoder_input_ids": ids[:, :4]} if name in SEQ2SEQ else {}
+
+
+def _sublayers(model) -> int:
+    """Blocks that end in a row split: 2 per decoder layer, 3 per T5 decoder layer."""
+    layers = num_layers(model)
+    if model.config.is_encoder_decoder:
+        return 2 * layers + 3 * model.config.num_decoder_layers
+    return 2 * layers
 
 
 def _split(model, n):
@@ -31,21 +44,20 @@ def test_logits_and_collectives(name, n):
     assert isinstance(split, tp.TensorParallelPreTrainedModel)
     ids = _ids()
     with torch.no_grad():
-        expected = model(ids).logits
+        expected = model(ids, **_inputs(name, ids)).logits
         with tp.count_collectives() as stats:
-            actual = split(ids).logits
+            actual = split(ids, **_inputs(name, ids)).logits
     assert_close(actual, expected, f"{name} logits")
-    layers = num_layers(model)
-    hidden = model.config.hidden_size
-    # the Megatron floor: 2 all-reduces of one activation per decoder layer, plus at most one
-    # collective for the embedding and one for the logits
-    layer_reduces = [s for kind, s, _ in stats.log if kind == "all_reduce" and s == (2, 7, hidden)]
-    assert len(layer_reduces) >= 2 * layers, stats
-    assert stats.total_calls <= 2 * layers + 2, stats
+    # the Megatron floor: one all-reduce of one activation per attention and per MLP block,
+    # plus at most one collective for the embedding (one per stack for T5) and one for logits
+    sublayers = _sublayers(model)
+    reduces = [shape for kind, shape, _ in stats.log if kind == "all_reduce" and shape[-1] == model.config.hidden_size]
+    assert len(reduces) >= sublayers, stats
+    assert stats.total_calls <= sublayers + (3 if name in SEQ2SEQ else 2), stats
 
 
 @pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", GENERATORS)
 def test_greedy_generation_is_token_identical(name, n):
     model = build(name)
     split = _split(model, n)
@@ -56,19 +68,22 @@ def test_greedy_generation_is_token_identical(name, n):
         assert torch.equal(actual, expected), (name, use_cache)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "bloom", "t5"])
 def test_beam_search_reorders_the_cache(name):
     model = build(name)
     split = _split(model, 3)
     ids = _ids(batch=1, length=5)
     seen = []
-    embedding = split.module_shards[1].get_input_embeddings()
+    shard = split.module_shards[1]
+    decoder = shard.get_decoder() if name in SEQ2SEQ else shard
+    embedding = decoder.get_input_embeddings() if name not in SEQ2SEQ else decoder.embed_tokens
     handle = embedding.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]))
     actual = split.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
     handle.remove()
     expected = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
     assert torch.equal(actual, expected)
-    assert seen[0] == 5 and set(seen[1:]) == {1}, seen  # one new token per step: the cache is used
+    # after the prompt, the decoder sees one new token per step: the cache is used, not recomputed
+    assert set(seen[1:]) == {1}, seen
 
 
 def test_sampling_with_a_seed():
@@ -82,16 +97,18 @@ def test_sampling_with_a_seed():
     assert torch.equal(actual, expected)
 
 
-@pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+# falcon_new runs at 2 devices only: at 3, its 2 KV heads are replicated inside the fused
+# query_key_value weight, whose copies do not share gradients yet (see README, known gaps)
+@pytest.mark.parametrize("name, n", [(name, n) for name in ("llama", "gemma2", "gpt2", "mixtral", "bert", "t5")
+                                     for n in (2, 3)] + [("falcon_new", 2)])
 def test_loss_and_gradients(name, n):
-    model = build(name, attn="eager")
-    model.train()
+    model = build(name, attn="eager")  # eval mode: dropout would make any two runs differ
     split = _split(model, n)
     reference = model
     ids = _ids()
-    expected = reference(ids, labels=ids)
-    actual = split(ids, labels=ids)
+    labels = ids[:, :4] if name in SEQ2SEQ else ids  # T5 derives its decoder inputs from labels
+    expected = reference(ids, labels=labels)
+    actual = split(ids, labels=labels)
     assert_close(actual.loss, expected.loss, "loss")
     expected.loss.backward()
     actual.loss.backward()

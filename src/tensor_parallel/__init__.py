@@ -14,7 +14,7 @@ from .comm import CollectiveError, CollectiveStats, Communicator, count_collecti
 from .plan import Plan, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
 from .split import Shard, split_sizes
-from .styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
+from .styles import (AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
                      Style, register_linear_kind)
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "Style",
     "ColwiseParallel",
     "AttentionParallel",
+    "ExpertsParallel",
     "RowwiseParallel",
     "EmbeddingParallel",
     "Replicate",

@@ -1,7 +1,7 @@
 """Planning: which style each module gets.
 
-A plan is plain data: a dict from module-path patterns (``fnmatch`` syntax, matched against
-``named_modules()`` paths, ``""`` is the root) to :class:`~tensor_parallel.styles.Style`
+A plan is plain data: a dict from module-path patterns (``fnmatch`` syntax per dotted segment,
+matched against ``named_modules()`` paths, ``""`` is the root) to :class:`~tensor_parallel.styles.Style`
 objects. Modules no pattern matches are replicated. Patterns are applied in order, so a later
 pattern overrides an earlier one for the modules both match.
 
@@ -25,7 +25,7 @@ from torch import fx, nn
 from .styles import (ColwiseParallel, EmbeddingParallel, Replicate, RowwiseParallel, Style,
                      linear_kind)
 
-__all__ = ["Plan", "resolve_plan", "plan_for", "format_plan"]
+__all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def resolve_plan(module: nn.Module, plan: Mapping[str, Style], world_size: int) 
             raise TypeError(f"plan entry {pattern!r}: {style!r} must map a str pattern to a Style "
                             f"such as ColwiseParallel(), RowwiseParallel() or Replicate()")
         matched = [first for first, aliases in paths.items()
-                   if any(fnmatch.fnmatchcase(path, pattern) for path in aliases)]
+                   if any(path_matches(path, pattern) for path in aliases)]
         if not matched:
             raise ValueError(f"plan pattern {pattern!r} matches no module of {type(module).__name__}; "
                              f"its module paths look like {_examples(paths)}")
@@ -68,6 +68,19 @@ def resolve_plan(module: nn.Module, plan: Mapping[str, Style], world_size: int) 
     for path, style in resolved.items():
         style.check(module.get_submodule(path), path or "<root>", world_size)
     return resolved
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """``fnmatch`` per dotted segment: ``*`` never crosses a dot, so ``layers.*.mlp`` matches
+    ``layers.0.mlp`` but not ``layers.0.block.mlp``.
+
+    Example::
+
+        >>> path_matches("layers.3.mlp.up", "layers.*.mlp.*"), path_matches("a.b.c", "a.*")
+        (True, False)
+    """
+    parts, wanted = path.split("."), pattern.split(".")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
 
 def _paths_by_module(module: nn.Module) -> dict[str, list[str]]:

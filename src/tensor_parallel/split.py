@@ -240,15 +240,38 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
         for path, style in plan.items():
             style.convert(skeleton.get_submodule(path), rank=rank, comm=comm, specs=specs[path])
         shards.append(skeleton)
+    _warn_unshared_replicas(materializer)
     return shards, _layout(module, tensor_specs)
+
+
+def _warn_unshared_replicas(materializer: "_Materializer") -> None:
+    """Slices that overlap (a replicated KV head) but are separate Parameters get separate
+    gradients: inference is exact, training would step those rows from partial gradients."""
+    parameters: dict[int, list[tuple]] = {}
+    for key, tensor in materializer.cache.items():
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad and key[1] is not None:
+            parameters.setdefault(key[0], []).append(key)
+    for keys in parameters.values():
+        spans = [set(range(a, b)) for _, (_, ranges), _, _ in keys for a, b in ranges]
+        covered = sum(len(s) for s in spans)
+        if covered > len(set().union(*spans)):
+            where = materializer.spec_of[keys[0][0]][1]
+            logger.warning("%s: ranks hold overlapping slices (replicated heads) in separate parameters; "
+                           "forward and generation are exact, but their gradients are not summed across "
+                           "ranks yet, so do not train this model split this way", where)
 
 
 def _by_owner(specs: Mapping[str, Mapping[str, Shard]]) -> dict[str, dict[str, Shard]]:
     """Style path -> {"child.weight": Shard} becomes owner path -> {"weight": Shard}."""
     owners: dict[str, dict[str, Shard]] = {}
+    cut_by: dict[str, str] = {}
     for path, table in specs.items():
         for key, shard in table.items():
             full = f"{path}.{key}" if path else key
+            if full in cut_by:
+                raise ValueError(f"'{full}' is cut by the style on '{cut_by[full] or '<root>'}' and again by "
+                                 f"the style on '{path or '<root>'}'; leave one of them out of the plan")
+            cut_by[full] = path
             owner, _, name = full.rpartition(".")
             owners.setdefault(owner, {})[name] = shard
     return owners

@@ -13,6 +13,7 @@ names, so a shard's ``state_dict`` has the original keys.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .split import Shard, assign_heads, even_shard
 __all__ = [
     "Style",
     "AttentionParallel",
+    "ExpertsParallel",
     "ColwiseParallel",
     "RowwiseParallel",
     "EmbeddingParallel",
@@ -328,6 +330,13 @@ class AttentionParallel(Style):
     (query heads per key/value head), ``width`` (heads x head_dim), ``kv_width`` and
     ``qkv_width``.
 
+    An attribute named ``config.X`` is set on a private copy of the module's config.
+    ``head_inputs`` names keyword inputs that carry one slice per head, as pairs of (name,
+    form): ``"flat"`` for ``(batch * heads, ...)`` (BLOOM's ALiBi), ``"dim1"`` for
+    ``(batch, heads, ...)`` (left alone when that dimension is 1); each rank gets its heads.
+    ``head_tables`` names child embeddings with one column per head (T5's relative position
+    bias), cut to the rank's heads.
+
     Projections are separate (``q``, ``k``, ``v``) or fused in one (``qkv``) with ``layout``
     ``"blocks"`` (all q, then all k, then all v: GPT-2, Phi-3), ``"per_head"`` (q, k, v of
     head 0, then of head 1...: GPT-NeoX, BLOOM) or ``"grouped"`` (per key/value head, its
@@ -351,6 +360,8 @@ class AttentionParallel(Style):
     qkv: str | None = None
     layout: str = "blocks"
     attributes: tuple[tuple[str, str], ...] = ()
+    head_inputs: tuple[tuple[str, str], ...] = ()
+    head_tables: tuple[str, ...] = ()
     collectives = ("all_reduce",)
 
     @property
@@ -407,6 +418,10 @@ class AttentionParallel(Style):
         kind = linear_kind(out)
         ranges = tuple(self._ranges("q", q, kv) for q, kv in heads)
         specs[f"{self.o}.weight"] = Shard(kind.in_dim, out.weight.shape[kind.in_dim], ranges)
+        head_ranges = tuple(((q.start, q.stop),) if len(q) else () for q, _ in heads)
+        for name in self.head_tables:
+            if _has_child(module, name):
+                specs[f"{name}.weight"] = Shard(1, self.num_heads, head_ranges)
         return specs
 
     def _ranges(self, role: str, q: range, kv: range) -> tuple[tuple[int, int], ...]:
@@ -444,7 +459,106 @@ class AttentionParallel(Style):
                   "width": len(q) * self.head_dim, "kv_width": len(kv) * self.head_dim,
                   "qkv_width": (len(q) + 2 * len(kv)) * self.head_dim}
         for name, quantity in self.attributes:
-            setattr(module, name, values[quantity])
+            _set_attribute(module, name, values[quantity])
+        for name in self.head_tables:
+            if _has_child(module, name):
+                module.get_submodule(name).embedding_dim = len(q)
+        if self.head_inputs:
+            module.register_forward_pre_hook(
+                functools.partial(_slice_head_inputs, self.head_inputs, self.num_heads, q), with_kwargs=True)
+
+
+def _has_child(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _set_attribute(module: nn.Module, name: str, value: int) -> None:
+    if name.startswith("config."):
+        if not getattr(module, "_tp_private_config", False):
+            module.config = copy.copy(module.config)
+            module._tp_private_config = True
+        setattr(module.config, name.partition(".")[2], value)
+    else:
+        setattr(module, name, value)
+
+
+def _slice_head_inputs(inputs: tuple[tuple[str, str], ...], num_heads: int, heads: range,
+                       module: nn.Module, args: tuple, kwargs: dict):
+    for name, form in inputs:
+        value = kwargs.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if form == "flat":
+            per_head = value.reshape(-1, num_heads, *value.shape[1:])
+            kwargs[name] = per_head[:, heads.start:heads.stop].reshape(-1, *value.shape[1:])
+        elif value.dim() > 1 and value.shape[1] == num_heads:
+            kwargs[name] = value[:, heads.start:heads.stop]
+    return args, kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts: every expert's intermediate dimension split
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class ExpertsParallel(Style):
+    """Split every expert's intermediate dimension in a module holding all experts as fused
+    3-D weights: ``gate_up`` of shape (experts, 2 x intermediate, hidden) by column (gate and
+    up blocks cut alike), ``down`` of shape (experts, hidden, intermediate) by row. The
+    experts' combined output is summed with one all-reduce; routing stays replicated.
+
+    Example::
+
+        >>> import tensor_parallel as tp
+        >>> tp.ExpertsParallel()
+        ExpertsParallel()
+    """
+
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    unit: int = 0
+    collectives = ("all_reduce",)
+
+    def _unit(self, intermediate: int) -> int:
+        """``unit=0``: slices of whole 8-element groups when possible (grouped matmul kernels
+        want 16-byte aligned strides), else single elements."""
+        return self.unit or (8 if intermediate % 8 == 0 else 1)
+
+    def check(self, module, path, world_size):
+        gate_up, down = getattr(module, self.gate_up, None), getattr(module, self.down, None)
+        if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) \
+                or gate_up.dim() != 3 or down.dim() != 3:
+            raise TypeError(f"ExpertsParallel cannot split '{path}' ({type(module).__name__}): it "
+                            f"needs 3-D expert weights {self.gate_up!r} and {self.down!r}")
+        if gate_up.shape[1] != 2 * down.shape[2]:
+            raise ValueError(f"ExpertsParallel on '{path}': {self.gate_up} has {gate_up.shape[1]} "
+                             f"rows per expert, not twice the {down.shape[2]} of {self.down}")
+        biases = [n for n, _ in module.named_parameters(recurse=False) if "bias" in n]
+        if biases:
+            raise TypeError(f"ExpertsParallel cannot split '{path}': expert biases {biases} would be "
+                            f"added once per rank; use Replicate() for it")
+
+    def shard_specs(self, module, world_size):
+        intermediate = getattr(module, self.down).shape[2]
+        unit = self._unit(intermediate)
+        return {self.gate_up: even_shard(2 * intermediate, world_size, dim=1, unit=unit, parts=2),
+                self.down: even_shard(intermediate, world_size, dim=2, unit=unit)}
+
+    def convert(self, module, *, rank, comm, specs):
+        module.tp_comm = comm
+        if hasattr(module, "intermediate_dim"):
+            module.intermediate_dim = specs[self.down].local_size(rank)
+        _convert_class(module, _ExpertsParallel)
+
+
+class _ExpertsParallel:
+    def forward(self, *args, **kwargs):
+        return self.tp_comm.all_reduce(super().forward(*args, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,13 +88,17 @@ class _ParallelEncoder(nn.Module):
         self._wrapped = [wrapped]  # not a submodule: its parameters belong to the parent model
         encoder = wrapped.module_shards[0].get_encoder()
         self.main_input_name = getattr(encoder, "main_input_name", "input_ids")
-        run = functools.wraps(encoder.forward)(self._run)
+
+        @functools.wraps(encoder.forward)  # generate() reads the encoder's signature
+        def run(*args: Any, **kwargs: Any) -> Any:
+            outputs = wrapped.run_shards(_call_encoder, *args, **kwargs)
+            return wrapped.forward_output(outputs[0])
+
         object.__setattr__(self, "forward", run)
 
-    def _run(self, *args: Any, **kwargs: Any) -> Any:
-        wrapped = self._wrapped[0]
-        outputs = wrapped.run_shards(lambda shard, *a, **k: shard.get_encoder()(*a, **k), *args, **kwargs)
-        return outputs[0]
+
+def _call_encoder(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return shard.get_encoder()(*args, **kwargs)
 
 
 class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
@@ -126,6 +130,10 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # experts run inside the shards, with the wrapped model's implementation
 
     def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
                  output_device: DeviceLike | None = None, *, plan: Mapping[str, Style] | None = None,

@@ -9,15 +9,14 @@ the rest fall back to the generic default plan (always correct, gathers after ea
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Callable
 
 from torch import nn
 
-from ..plan import Plan, plan_for
-from ..styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, LinearKind,
-                      Replicate, RowwiseParallel, Style, register_linear_kind)
+from ..plan import Plan, path_matches, plan_for
+from ..styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, ExpertsParallel,
+                      LinearKind, Replicate, RowwiseParallel, Style, register_linear_kind)
 
 __all__ = ["BUILTIN_PLANS", "plan_for_pretrained", "translate_tp_plan"]
 
@@ -32,7 +31,16 @@ def _register_conv1d() -> None:
                                             in_attr=None, apply=lambda m, x, w: x @ w))
 
 
+def _register_falcon_linear() -> None:
+    """Falcon's Linear computes ``x @ W.T + b`` in its own forward: the same contract."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    register_linear_kind(FalconLinear, LinearKind(out_dim=0, in_dim=1, feature_dim=-1, out_attr="out_features",
+                                                  in_attr="in_features", apply=lambda m, x, w: x @ w.T))
+
+
 _register_conv1d()
+_register_falcon_linear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +80,7 @@ def _embedding_and_head(module: nn.Module, embedding: str, head: str = "lm_head"
 
 
 def _matches(module: nn.Module, pattern: str) -> bool:
-    return any(fnmatch.fnmatchcase(path, pattern) for path, _ in module.named_modules())
+    return any(path_matches(path, pattern) for path, _ in module.named_modules())
 
 
 def _present(module: nn.Module, plan: Plan) -> Plan:
@@ -101,6 +109,161 @@ def _llama_like(module: nn.Module) -> Plan:
     return plan
 
 
+def _mixtral(module: nn.Module) -> Plan:
+    """Llama attention; every expert's intermediate dimension split, the router replicated."""
+    plan = _llama_like(module)
+    layer = f"{_base(module)}layers.*"
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        del plan[f"{layer}.mlp.{name}"]
+    plan[f"{layer}.mlp.experts"] = ExpertsParallel()
+    return plan
+
+
+def _phi3(module: nn.Module) -> Plan:
+    """Fused q|k|v blocks and fused gate|up; the attention reads head counts from its config."""
+    config, base = module.config, _base(module)
+    num_heads, num_kv, head_dim = _heads(config)
+    layer = f"{base}layers.*"
+    plan = _embedding_and_head(module, f"{base}embed_tokens")
+    plan.update({
+        f"{layer}.self_attn": AttentionParallel(
+            num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv, q=None, k=None, v=None,
+            qkv="qkv_proj", layout="blocks",
+            attributes=(("num_key_value_groups", "groups"), ("num_key_value_heads", "kv_heads"),
+                        ("config.num_attention_heads", "heads"))),
+        f"{layer}.mlp.gate_up_proj": ColwiseParallel(parts=2),
+        f"{layer}.mlp.down_proj": RowwiseParallel(),
+    })
+    return plan
+
+
+def _gpt2(module: nn.Module) -> Plan:
+    config, base = module.config, _base(module)
+    heads = config.n_head
+    plan = _embedding_and_head(module, f"{base}wte")
+    plan.update({
+        f"{base}h.*.attn": AttentionParallel(num_heads=heads, head_dim=config.n_embd // heads, q=None,
+                                             k=None, v=None, qkv="c_attn", o="c_proj", layout="blocks",
+                                             attributes=(("split_size", "width"),)),
+        f"{base}h.*.mlp.c_fc": ColwiseParallel(),
+        f"{base}h.*.mlp.c_proj": RowwiseParallel(),
+    })
+    return plan
+
+
+def _gpt_neox(module: nn.Module) -> Plan:
+    config, base = module.config, _base(module)
+    heads = config.num_attention_heads
+    plan = _embedding_and_head(module, f"{base}embed_in", head="embed_out")
+    plan.update({
+        f"{base}layers.*.attention": AttentionParallel(
+            num_heads=heads, head_dim=config.hidden_size // heads, q=None, k=None, v=None,
+            qkv="query_key_value", o="dense", layout="per_head"),
+        f"{base}layers.*.mlp.dense_h_to_4h": ColwiseParallel(),
+        f"{base}layers.*.mlp.dense_4h_to_h": RowwiseParallel(),
+    })
+    return plan
+
+
+def _gptj(module: nn.Module) -> Plan:
+    config, base = module.config, _base(module)
+    heads = config.n_head
+    plan = _embedding_and_head(module, f"{base}wte")
+    plan.update({
+        f"{base}h.*.attn": AttentionParallel(num_heads=heads, head_dim=config.n_embd // heads, o="out_proj"),
+        f"{base}h.*.mlp.fc_in": ColwiseParallel(),
+        f"{base}h.*.mlp.fc_out": RowwiseParallel(),
+    })
+    return plan
+
+
+def _opt(module: nn.Module) -> Plan:
+    config, base = module.config, _base(module)
+    heads = config.num_attention_heads
+    plan = _embedding_and_head(module, f"{base}decoder.embed_tokens")
+    plan.update({
+        f"{base}decoder.layers.*.self_attn": AttentionParallel(
+            num_heads=heads, head_dim=config.hidden_size // heads, o="out_proj",
+            attributes=(("num_heads", "heads"),)),
+        f"{base}decoder.layers.*.fc1": ColwiseParallel(),
+        f"{base}decoder.layers.*.fc2": RowwiseParallel(),
+    })
+    return plan
+
+
+def _bloom(module: nn.Module) -> Plan:
+    """Per-head fused q/k/v; the ALiBi tensor built for all heads is cut to the rank's heads."""
+    config, base = module.config, _base(module)
+    heads = config.n_head
+    plan = _embedding_and_head(module, f"{base}word_embeddings")
+    plan.update({
+        f"{base}h.*.self_attention": AttentionParallel(
+            num_heads=heads, head_dim=config.hidden_size // heads, q=None, k=None, v=None,
+            qkv="query_key_value", o="dense", layout="per_head",
+            attributes=(("num_heads", "heads"),), head_inputs=(("alibi", "flat"),)),
+        f"{base}h.*.mlp.dense_h_to_4h": ColwiseParallel(),
+        f"{base}h.*.mlp.dense_4h_to_h": RowwiseParallel(),
+    })
+    return plan
+
+
+def _falcon(module: nn.Module) -> Plan:
+    """All three fused layouts: grouped (new decoder), per head, and multi-query (q blocks,
+    one k and v replicated on every rank)."""
+    config, base = module.config, _base(module)
+    heads = config.num_attention_heads
+    if config.new_decoder_architecture:
+        kv, layout = config.num_kv_heads, "grouped"
+    elif config.multi_query:
+        kv, layout = 1, "blocks"
+    else:
+        kv, layout = heads, "per_head"
+    plan = _embedding_and_head(module, f"{base}word_embeddings")
+    plan.update({
+        f"{base}h.*.self_attention": AttentionParallel(
+            num_heads=heads, head_dim=config.hidden_size // heads, num_kv_heads=kv, q=None, k=None,
+            v=None, qkv="query_key_value", o="dense", layout=layout,
+            attributes=(("num_heads", "heads"), ("num_kv_heads", "kv_heads")),
+            head_inputs=(("alibi", "dim1"), ("attention_mask", "dim1"))),
+        f"{base}h.*.mlp.dense_h_to_4h": ColwiseParallel(),
+        f"{base}h.*.mlp.dense_4h_to_h": RowwiseParallel(),
+    })
+    return plan
+
+
+def _t5(module: nn.Module) -> Plan:
+    """Encoder and decoder; the relative position bias table is cut to the rank's heads."""
+    config = module.config
+    attention = AttentionParallel(num_heads=config.num_heads, head_dim=config.d_kv, q="q", k="k", v="v",
+                                  o="o", attributes=(("n_heads", "heads"), ("inner_dim", "width")),
+                                  head_tables=("relative_attention_bias",))
+    embedding = EmbeddingParallel(dim=0 if _tied(module) else 1)
+    plan: Plan = {"shared": embedding, "encoder.embed_tokens": embedding, "decoder.embed_tokens": embedding}
+    if _tied(module):
+        plan["lm_head"] = ColwiseParallel(gather_output=True)
+    for stack in ("encoder", "decoder"):
+        plan[f"{stack}.block.*.layer.0.SelfAttention"] = attention
+        plan[f"{stack}.block.*.layer.1.EncDecAttention"] = attention
+        plan[f"{stack}.block.*.layer.*.DenseReluDense.wi*"] = ColwiseParallel()
+        plan[f"{stack}.block.*.layer.*.DenseReluDense.wo"] = RowwiseParallel()
+    return plan
+
+
+def _bert_like(module: nn.Module) -> Plan:
+    """bert and roberta: heads whole per rank; the tied MLM decoder (its bias is tied too) and
+    the embeddings stay whole."""
+    config, base = module.config, _base(module)
+    heads = config.num_attention_heads
+    layer = f"{base}encoder.layer.*"
+    return {
+        f"{layer}.attention": AttentionParallel(
+            num_heads=heads, head_dim=config.hidden_size // heads, q="self.query", k="self.key",
+            v="self.value", o="output.dense"),
+        f"{layer}.intermediate.dense": ColwiseParallel(),
+        f"{layer}.output.dense": RowwiseParallel(),
+    }
+
+
 BUILTIN_PLANS: dict[str, Callable[[nn.Module], Plan]] = {
     "llama": _llama_like,
     "mistral": _llama_like,
@@ -108,6 +271,17 @@ BUILTIN_PLANS: dict[str, Callable[[nn.Module], Plan]] = {
     "qwen3": _llama_like,
     "gemma": _llama_like,
     "gemma2": _llama_like,
+    "mixtral": _mixtral,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "gptj": _gptj,
+    "opt": _opt,
+    "bloom": _bloom,
+    "falcon": _falcon,
+    "t5": _t5,
+    "bert": _bert_like,
+    "roberta": _bert_like,
 }
 
 
@@ -177,7 +351,7 @@ def _attention_from_config(module: nn.Module, path: str, roles: dict[str, str]) 
     style = AttentionParallel(num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv,
                               attributes=(("num_key_value_groups", "groups"),))
     for sub_path, sub in module.named_modules():
-        if fnmatch.fnmatchcase(sub_path, path):
+        if path_matches(sub_path, path):
             try:
                 style.check(sub, sub_path, 1)
             except (TypeError, ValueError) as error:
