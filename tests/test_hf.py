@@ -106,7 +106,7 @@ def test_loss_and_gradients(name, n):
     split = _split(model, n)
     reference = model
     ids = _ids()
-    labels = ids[:, :4] if name in SEQ2SEQ else ids  # T5 derives its decoder inputs from labels
+    labels = ids[:, :4].contiguous() if name in SEQ2SEQ else ids  # T5 derives decoder inputs from labels
     expected = reference(ids, labels=labels)
     actual = split(ids, labels=labels)
     assert_close(actual.loss, expected.loss, "loss")
