@@ -9,7 +9,7 @@ Example::
     torch.Size([2, 8])
 """
 
-from .checkpoint import save_tensor_parallel
+from .checkpoint import infer_sharded_device_map, save_tensor_parallel
 from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
 from .plan import Plan, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
@@ -42,6 +42,7 @@ __all__ = [
     "CollectiveError",
     "Communicator",
     "save_tensor_parallel",
+    "infer_sharded_device_map",
     "parse_devices",
     "TensorParallelPreTrainedModel",
 ]

@@ -6,6 +6,7 @@ import copy
 import functools
 import inspect
 import logging
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -13,9 +14,10 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from ..checkpoint import write_checkpoint
 from ..runtime import DeviceLike, RankLocal, TensorParallel
 from ..styles import Style
-from .plans import plan_for_pretrained
+from .plans import plan_for_pretrained, tied_embeddings
 
 __all__ = ["TensorParallelPreTrainedModel", "ShardedCache"]
 
@@ -148,6 +150,17 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
                                             **options)
         self._adopt_generation_hooks(module)
+        if tied_embeddings(module):
+            self._tie_shards()
+
+    def _tie_shards(self) -> None:
+        """Make each shard's LM head share its embedding slice, as the config says (a model
+        built under ``init_empty_weights`` has its ties undone; both are cut alike)."""
+        for shard in self.wrapped_model.module_shards:
+            embeddings, head = shard.get_input_embeddings(), shard.get_output_embeddings()
+            if head.weight is not embeddings.weight and head.weight.shape == embeddings.weight.shape:
+                # not setattr: init_empty_weights patches register_parameter to make a new copy
+                head._parameters["weight"] = embeddings.weight
 
     def _adopt_generation_hooks(self, module: PreTrainedModel) -> None:
         """Take over what generation reads from the model class (first shard's implementation)."""
@@ -194,6 +207,28 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             raise ValueError("this KV cache already holds tokens computed outside the split model; pass "
                              "the cache the split model returned (outputs.past_key_values), or a new one")
         return ShardedCache([copy.deepcopy(cache) for _ in self.wrapped_model.module_shards])
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True, progress: bool | None = None, **kwargs: Any) -> None:
+        """Save the split state (every shard's slices) and the config, in files of at most
+        ``max_shard_size``, atomically. Load it into a model built the same way, e.g. under
+        ``accelerate.init_empty_weights()`` with ``accelerate.load_checkpoint_in_model(model,
+        checkpoint=<folder>/pytorch_model.bin.index.json, device_map=tp.infer_sharded_device_map(model))``.
+
+        The index keeps the original library's name, ``pytorch_model.bin.index.json``, so
+        scripts written for it run unchanged; the weight files are safetensors unless
+        ``safe_serialization=False``.
+        """
+        if kwargs:
+            logger.info("save_pretrained: ignoring %s (the split state is saved as it is)", sorted(kwargs))
+        state = self.state_dict()
+        extra = {"config.json": self.config.to_json_string()}
+        if getattr(self, "generation_config", None) is not None:
+            extra["generation_config.json"] = self.generation_config.to_json_string()
+        metadata = {"tensor_parallel_world_size": str(len(self.devices))}
+        write_checkpoint(state, save_directory, max_shard_size=max_shard_size,
+                         safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
+                         metadata=metadata, progress=progress, extra_files=extra)
 
     def get_encoder(self, *args: Any, **kwargs: Any) -> nn.Module:
         """The encoder of every shard, run together (encoder-decoder models)."""

@@ -63,10 +63,18 @@ def _heads(config, heads="num_attention_heads", kv="num_key_value_heads") -> tup
     return num_heads, num_kv, head_dim
 
 
-def _tied(module: nn.Module) -> bool:
+def tied_embeddings(module: nn.Module) -> bool:
+    """Whether the LM head shares the input embedding's weight: by identity, or by the config
+    (under ``init_empty_weights`` the ties of a freshly built model are not made yet)."""
     embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    return embeddings is not None and head is not None and head.weight is embeddings.weight
+    if embeddings is None or head is None or not hasattr(head, "weight"):
+        return False
+    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    return head.weight is embeddings.weight or bool(getattr(config, "tie_word_embeddings", False))
+
+
+_tied = tied_embeddings
 
 
 def _embedding_and_head(module: nn.Module, embedding: str, head: str = "lm_head") -> Plan:
