@@ -53,100 +53,161 @@ N_LAYERS = 2
 # Tiny configs
 # --------------------------------------------------------------------------------------------
 
-#: config attribute -> tiny value, set wherever the attribute exists (and is not None)
+#: config attribute -> tiny value, set wherever the attribute exists (also when it is None,
+#: which many configs read as "derive it", and some models then fail to derive)
 SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "n_embd", "d_model", "embed_dim"), 64),
-    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"), N_LAYERS),
-    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads"), 4),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers",
+                     "decoder_layers"), N_LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads",
+                     "decoder_attention_heads"), 4),
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    **dict.fromkeys(("head_dim", "d_head", "d_kv"), 16),
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "d_ff", "moe_intermediate_size",
-                     "shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"), 128),
+                     "shared_expert_intermediate_size", "moe_shared_expert_intermediate_size",
+                     "encoder_ffn_dim", "decoder_ffn_dim"), 128),
     "vocab_size": 128,
     **dict.fromkeys(("max_position_embeddings", "n_positions"), 128),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
-    "num_experts_per_tok": 2,
-    # grouped expert routing (deepseek) must fit 4 experts; one dense layer, then MoE layers
-    "n_group": 1,
-    "topk_group": 1,
+    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token"), 2),
+    # Mamba-2 heads: heads x head size = expand (2) x width
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_ssm": 128,
+    "n_shared_experts": 1,
 }
+
+#: sizes that follow the width: scaled by 64 / the config's original width
+WIDTH_RATIO_KEYS = ("attention_hidden_size", "embedding_dim", "lru_width")
 
 #: flags set wherever they exist: a causal LM built from an encoder config must be a decoder
 FLAGS: dict[str, Any] = {"is_decoder": True}
 
-#: attributes clamped to at most this value, so that 2 layers still mix their kinds (a dense
-#: layer then an MoE layer; attention every other layer in hybrid models)
-CLAMPS: dict[str, int] = {"first_k_dense_replace": 1, "attn_layer_period": 2, "attn_layer_offset": 1,
-                          "expert_layer_period": 2, "expert_layer_offset": 1}
+#: attributes clamped to at most this value: grouped expert routing (deepseek) over 4 experts,
+#: 2 layers that still mix their kinds (a dense layer then an MoE layer, attention every other
+#: layer in hybrid models, no KV sharing), Mamba-2 heads that fit their groups, rotary
+#: dimensions that fit a head
+CLAMPS: dict[str, int] = {"n_group": 1, "num_expert_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                          "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+                          "expert_layer_offset": 1, "num_kv_shared_layers": 0, "n_groups": 1,
+                          "expand": 1, "rotary_dim": 8}
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "decoder_layers")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "embed_dim")
 INDEX_LIST_SUFFIXES = ("_layers", "_idxs", "_indices", "_layer_ids")
 
 
-def _is_config_dict(key: str, value: Any, sub_configs: set[str]) -> bool:
+def _is_config_dict(key: Any, value: Any, sub_configs: set[str]) -> bool:
     return isinstance(value, dict) and (key in sub_configs or "model_type" in value)
 
 
-def _representative_layers(values: list) -> list:
-    """A per-layer list cut to the tiny layer count: the first and the last layer (the last is
-    often of the other kind, e.g. full attention after sliding-window layers)."""
-    return values[:N_LAYERS - 1] + values[-1:]
+def _first_int(data: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    return next((data[k] for k in keys if isinstance(data.get(k), int)), None)
+
+
+def kept_layers(data: dict[str, Any], old_layers: int) -> list[int]:
+    """Which of the original layers the tiny model keeps: the first, and the layer that differs
+    from it in the most per-layer lists and layer-index lists (full attention after sliding
+    windows, MoE after dense, attention after Mamba); the last when none differs."""
+    per_layer = [v for v in data.values() if isinstance(v, list) and len(v) == old_layers]
+    index_lists = [set(v) for k, v in data.items() if isinstance(v, list) and _is_index_list(k, v)]
+
+    def differences(i: int) -> int:
+        return (sum(values[i] != values[0] for values in per_layer)
+                + sum((i in indices) != (0 in indices) for indices in index_lists))
+
+    best = max(range(1, old_layers), key=lambda i: (differences(i), i == old_layers - 1))
+    return [0, best]
+
+
+def _is_index_list(key: Any, value: list) -> bool:
+    return (isinstance(key, str) and key.endswith(INDEX_LIST_SUFFIXES)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _layer_index(key: Any) -> int | None:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
 
 
 def _shrink_layer_lists(data: dict[str, Any], old_layers: int | None) -> None:
-    """Cut per-layer lists (``layer_types``...) and drop indices past the new layer count."""
+    """Cut per-layer lists (``layer_types``...), layer-index lists and layer-keyed dicts
+    (``per_layer_config``) to the kept layers, renumbered."""
     if not old_layers or old_layers <= N_LAYERS:
         return
+    kept = kept_layers(data, old_layers)
+    new_index = {old: new for new, old in enumerate(kept)}
     for key, value in list(data.items()):
-        if not isinstance(value, list) or not value:
-            continue
-        if len(value) == old_layers:
-            data[key] = _representative_layers(value)
-        elif isinstance(key, str) and key.endswith(INDEX_LIST_SUFFIXES) and all(isinstance(v, int) for v in value):
-            data[key] = [v for v in value if v < N_LAYERS]
+        if isinstance(value, list) and len(value) == old_layers:
+            data[key] = [value[i] for i in kept]
+        elif isinstance(value, list) and _is_index_list(key, value):
+            data[key] = [new_index[v] for v in value if v in new_index]
+        elif isinstance(value, dict) and value and all(_layer_index(k) is not None for k in value):
+            data[key] = {type(k)(new_index[_layer_index(k)]): v for k, v in value.items()
+                         if _layer_index(k) in new_index}
 
 
-def _clamp_token_ids(data: dict[str, Any], vocab: int) -> None:
-    """Token ids outside the tiny vocabulary: pad becomes 0, the others None."""
+def _clamp_token_ids(data: dict[str, Any], vocab: int, outside: int | None) -> None:
+    """Token ids outside the tiny vocabulary: pad becomes 0, the others ``outside``."""
     for key, value in list(data.items()):
-        if not isinstance(key, str):
+        if not (isinstance(key, str) and key.endswith("token_id")):
             continue
-        if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
-            data[key] = 0 if key == "pad_token_id" else None
-        elif key.endswith("token_id") and isinstance(value, list):
+        if isinstance(value, int) and value >= vocab:
+            data[key] = 0 if key == "pad_token_id" else outside
+        elif isinstance(value, list):
             kept = [v for v in value if isinstance(v, int) and v < vocab]
-            data[key] = kept or None
+            data[key] = kept or outside
 
 
-def shrink_dict(data: dict[str, Any], sub_configs: set[str] = frozenset()) -> dict[str, Any]:
+def _shrink_value(key: Any, value: Any, old_width: int | None) -> Any:
+    """The tiny value of one (non-config) attribute."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if key in SIZES and (is_int or value is None):
+        return SIZES[key]
+    if key in WIDTH_RATIO_KEYS and is_int and old_width:
+        return max(1, value * 64 // old_width)
+    if key in FLAGS:
+        return FLAGS[key]
+    if key in CLAMPS and is_int:
+        return min(value, CLAMPS[key])
+    return value
+
+
+def shrink_dict(data: dict[str, Any], sub_configs: set[str] = frozenset(),
+                outside_token_id: int | None = None) -> dict[str, Any]:
     """A config's ``to_dict()`` with every size made tiny, sub-configs included (recursively)."""
-    data = dict(data)
-    old_layers = next((data[k] for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)), None)
+    original, data = data, dict(data)
+    old_layers, old_width = _first_int(data, LAYER_COUNT_KEYS), _first_int(data, HIDDEN_KEYS)
     for key, value in list(data.items()):
         if _is_config_dict(key, value, sub_configs):
-            data[key] = shrink_dict(value)
-        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool):
-            data[key] = SIZES[key]
-        elif key in FLAGS:
-            data[key] = FLAGS[key]
-        elif key in CLAMPS and isinstance(value, int):
-            data[key] = min(value, CLAMPS[key])
-    if isinstance(data.get("qk_rope_head_dim"), int):  # MLA: the rotary part is the head_dim
-        data["head_dim"] = data["qk_rope_head_dim"]
+            data[key] = shrink_dict(value, outside_token_id=outside_token_id)
+        else:
+            data[key] = _shrink_value(key, value, old_width)
+    if "kv_lora_rank" in data:  # multi-head latent attention: one K/V head per query head, and
+        data["num_key_value_heads"] = data.get("num_attention_heads")  # head_dim tied to the
+        data["head_dim"] = original.get("head_dim")  # (unchanged) rotary / no-rotary head sizes
     _shrink_layer_lists(data, old_layers)
-    vocab = data.get("vocab_size")
-    if isinstance(vocab, int):
-        _clamp_token_ids(data, vocab)
+    if isinstance(data.get("vocab_size"), int):
+        _clamp_token_ids(data, data["vocab_size"], outside_token_id)
     return data
 
 
 def tiny_config(model_type: str) -> transformers.PretrainedConfig:
-    """The default config of ``model_type``, shrunk to a tiny model."""
+    """The default config of ``model_type``, shrunk to a tiny model. Token ids outside the
+    tiny vocabulary become None, or 0 where the config does not accept None."""
     config = transformers.AutoConfig.for_model(model_type)
-    data = shrink_dict(config.to_dict(), set(getattr(config, "sub_configs", {}) or {}))
-    for key in ("transformers_version", "model_type"):
-        data.pop(key, None)
-    return type(config).from_dict(data)
+    sub_configs = set(getattr(config, "sub_configs", {}) or {})
+    for outside in (None, 0):
+        data = shrink_dict(config.to_dict(), sub_configs, outside)
+        for key in ("transformers_version", "model_type"):
+            data.pop(key, None)
+        try:
+            return type(config).from_dict(data)
+        except Exception as error:  # strict dataclass validation: an int field refuses None
+            if outside is not None or "token_id" not in str(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 def special_token_ids(data: Any) -> set[int]:
@@ -171,9 +232,15 @@ def make_input_ids(config: transformers.PretrainedConfig) -> torch.Tensor:
 
 
 def build_model(config: transformers.PretrainedConfig) -> torch.nn.Module:
-    """The tiny model, eager attention, float32, eval mode, weights from seed 0."""
+    """The tiny model, eager attention, float32, eval mode, weights from seed 0. A causal-LM
+    class that takes one of the config's sub-configs (musicgen's decoder) is given that one."""
+    model_class = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    wanted = getattr(model_class, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        sub = (getattr(config, name, None) for name in (getattr(config, "sub_configs", None) or {}))
+        config = next((c for c in sub if isinstance(c, wanted)), config)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model_class._from_config(config, attn_implementation="eager")
     return model.float().eval()
 
 
@@ -183,9 +250,13 @@ def build_model(config: transformers.PretrainedConfig) -> torch.nn.Module:
 
 
 def describe_error(error: BaseException) -> str:
-    """Exception type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    """Exception type and the first line of its message (two when the first ends in ':',
+    as pydantic-style validation errors do)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    message = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return f"{type(error).__name__}: {message[:300]}"
 
 
 def _innermost_frame(error: BaseException) -> str:
@@ -217,9 +288,10 @@ def logits_of(output: Any) -> torch.Tensor:
 def check_split(model: torch.nn.Module, ids: torch.Tensor, expected: torch.Tensor, n: int,
                 plans: str) -> dict[str, Any]:
     """Split a copy of ``model`` over ``n`` CPU devices, run ``ids``, compare the logits."""
-    result: dict[str, Any] = {"ok": False, "max_diff": None, "collectives": {}, "error": None}
+    result: dict[str, Any] = {"ok": False, "max_diff": None, "collectives": {}, "split_layers": None,
+                              "error": None}
     try:
-        plan = tensor_parallel.plan_for(model, n) if plans == "generic" else None
+        plan = tensor_parallel.plan_for(model) if plans == "generic" else None
         split = tensor_parallel.tensor_parallel(copy.deepcopy(model), ["cpu"] * n, plan=plan,
                                                 timeout=COLLECTIVE_TIMEOUT_S)
         with torch.no_grad(), tensor_parallel.count_collectives() as stats:
@@ -228,6 +300,7 @@ def check_split(model: torch.nn.Module, ids: torch.Tensor, expected: torch.Tenso
         result["error"], result["where"] = describe_error(error), _innermost_frame(error)
         return result
     result["collectives"] = dict(stats.calls)
+    result["split_layers"] = sum(not isinstance(style, tensor_parallel.Replicate) for style in split.plan.values())
     if actual.shape != expected.shape:
         result["error"] = f"logits shape {tuple(actual.shape)} != unsharded {tuple(expected.shape)}"
         return result
@@ -257,6 +330,7 @@ def run_unsharded(model_type: str, report: Callable[[dict], None]) -> tuple[Any,
 
 def check_model_type(model_type: str, plans: str, report: Callable[[dict], None]) -> None:
     """Everything for one model type; ``report`` receives each stage's results as it ends."""
+    report({"stage": "building and running unsharded"})
     unsharded = run_unsharded(model_type, report)
     if unsharded is None:
         return
@@ -291,6 +365,20 @@ def _child_main(model_type: str, plans: str, connection) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _collect(receiver, result: dict[str, Any], deadline: float) -> bool:
+    """Merge the child's reports into ``result`` until it closes the pipe (finished, raised or
+    died); False if ``deadline`` passes first."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if receiver.poll(remaining):
+            try:
+                result.update(receiver.recv())
+            except EOFError:
+                return True
+
+
 def run_guarded(model_type: str, plans: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
     """Check one model type in a forked child; kill it after ``timeout`` seconds."""
     context = multiprocessing.get_context("fork")
@@ -298,24 +386,14 @@ def run_guarded(model_type: str, plans: str, timeout: float = TIMEOUT_S) -> dict
     process = context.Process(target=_child_main, args=(model_type, plans, sender), daemon=True)
     start = time.monotonic()
     process.start()
-    sender.close()
+    sender.close()  # the child holds the only write end: its exit ends the pipe
     result: dict[str, Any] = {"model_type": model_type, "status": "crashed", "plan_source": None}
-    while True:
-        remaining = timeout - (time.monotonic() - start)
-        if remaining <= 0:
-            result.update(status="timed_out", error=f"timed out after {timeout:.0f} s"
-                          + (f" ({result['stage']})" if result.get("stage") else ""))
-            process.kill()
-            break
-        if not receiver.poll(min(remaining, 1.0)):
-            if not process.is_alive() and not receiver.poll():
-                break
-            continue
-        try:
-            result.update(receiver.recv())
-        except EOFError:
-            break
+    if not _collect(receiver, result, start + timeout):
+        process.kill()
+        stage = f" ({result['stage']})" if result.get("stage") else ""
+        result.update(status="timed_out", error=f"timed out after {timeout:g} s{stage}")
     process.join()
+    receiver.close()
     if result["status"] in ("crashed", "running"):
         result.update(status="crashed", error=result.get("error") or f"child exited with code {process.exitcode}")
     result.pop("stage", None)
@@ -350,10 +428,21 @@ def short_reason(result: dict[str, Any]) -> str:
     return "; ".join(failure_reasons(result))
 
 
+def ran_unsharded(result: dict[str, Any]) -> bool:
+    """The tiny model built and ran unsharded (its plan source is known from then on)."""
+    return result.get("plan_source") is not None
+
+
+def split_nothing(result: dict[str, Any]) -> bool:
+    """Correct only because the plan split no layer: everything was replicated."""
+    splits = result.get("splits", {}).values()
+    return result["status"] == "correct" and all(s.get("split_layers") == 0 for s in splits)
+
+
 def totals(results: list[dict[str, Any]]) -> dict[str, int]:
-    ran = [r for r in results if r["status"] in ("correct", "split_fails")]
-    return {"types": len(results), "ran": len(ran),
-            "correct": sum(r["status"] == "correct" for r in results)}
+    return {"types": len(results), "ran": sum(map(ran_unsharded, results)),
+            "correct": sum(r["status"] == "correct" for r in results),
+            "split_nothing": sum(map(split_nothing, results))}
 
 
 def totals_line(results: list[dict[str, Any]]) -> str:
@@ -361,15 +450,16 @@ def totals_line(results: list[dict[str, Any]]) -> str:
     share = 100.0 * t["correct"] / t["ran"] if t["ran"] else 0.0
     counts = " and ".join(map(str, DEVICE_COUNTS))
     return (f"{t['types']} types; {t['ran']} run unsharded; {t['correct']} split correctly over "
-            f"{counts} CPU devices ({t['correct']}/{t['ran']} = {share:.1f}%)")
+            f"{counts} CPU devices ({t['correct']}/{t['ran']} = {share:.1f}%); of those, "
+            f"{t['split_nothing']} split no layer at all (everything replicated)")
 
 
-def by_plan_source(results: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    """plan source -> (correct, run unsharded)."""
-    table: dict[str, tuple[int, int]] = {}
+def by_plan_source(results: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
+    """plan source -> (correct, run unsharded, correct but split no layer)."""
+    table: dict[str, tuple[int, int, int]] = {}
     for source in ("builtin", "tp_plan", "generic"):
         ran = [r for r in results if r.get("plan_source") == source]
-        table[source] = (sum(r["status"] == "correct" for r in ran), len(ran))
+        table[source] = (sum(r["status"] == "correct" for r in ran), len(ran), sum(map(split_nothing, ran)))
     return table
 
 
@@ -383,6 +473,11 @@ def _diff(result: dict[str, Any], n: int) -> str:
 def _count(result: dict[str, Any], kind: str, n: int = 2) -> str:
     split = result.get("splits", {}).get(str(n))
     return str(split["collectives"].get(kind, 0)) if split and split["error"] is None else "-"
+
+
+def _field(result: dict[str, Any], name: str, n: int = 2) -> str:
+    value = result.get("splits", {}).get(str(n), {}).get(name)
+    return "-" if value is None else str(value)
 
 
 def _cell(text: str) -> str:
@@ -401,23 +496,26 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
         f"float32; input ids ({BATCH}, {SEQ}); logits compared with atol = rtol = {ATOL:g}; "
         f"{TIMEOUT_S:.0f} s per type", "",
         f"**{totals_line(results)}**", "",
-        "| plan source | correct / run unsharded |", "|---|---|",
+        "| plan source | correct / run unsharded | of the correct: split no layer |", "|---|---|---|",
     ]
-    for source, (correct, ran) in by_plan_source(results).items():
-        lines.append(f"| {source} | {correct} / {ran} |")
-    lines += ["", "| type | status | plan | max diff @2 | max diff @3 | all_reduce @2 | all_gather @2 | reason |",
-              "|---|---|---|---|---|---|---|---|"]
+    for source, (correct, ran, nothing) in by_plan_source(results).items():
+        lines.append(f"| {source} | {correct} / {ran} | {nothing} |")
+    lines += ["", "Layers split: the plan's entries at 2 devices that are not `Replicate()`. Collectives: "
+              "logical calls in one forward at 2 devices.", "",
+              "| type | status | plan | layers split @2 | max diff @2 | max diff @3 | all_reduce @2 | "
+              "all_gather @2 | reason |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model_type']} | {r['status']} | {r.get('plan_source') or '-'} | {_diff(r, 2)} | "
-                     f"{_diff(r, 3)} | {_count(r, 'all_reduce')} | {_count(r, 'all_gather')} | "
-                     f"{_cell(short_reason(r))} |")
+        lines.append(f"| {r['model_type']} | {r['status']} | {r.get('plan_source') or '-'} | "
+                     f"{_field(r, 'split_layers')} | {_diff(r, 2)} | {_diff(r, 3)} | {_count(r, 'all_reduce')} | "
+                     f"{_count(r, 'all_gather')} | {_cell(short_reason(r))} |")
     return "\n".join(lines) + "\n"
 
 
 def summary(results: list[dict[str, Any]]) -> str:
     """The totals, the plan-source breakdown and the failures grouped by reason (stdout)."""
     lines = [totals_line(results)]
-    lines += [f"  {source}: {correct}/{ran} correct" for source, (correct, ran) in by_plan_source(results).items()]
+    lines += [f"  {source}: {correct}/{ran} correct ({nothing} of them split no layer)"
+              for source, (correct, ran, nothing) in by_plan_source(results).items()]
     groups: dict[str, list[str]] = {}
     for r in results:
         for reason in failure_reasons(r):

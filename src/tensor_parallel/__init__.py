@@ -45,9 +45,11 @@ __all__ = [
     "infer_sharded_device_map",
     "parse_devices",
     "TensorParallelPreTrainedModel",
+    "from_pretrained",
 ]
 
-_HF_NAMES = {"TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan"}
+_HF_NAMES = {"TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan",
+             "from_pretrained"}
 
 
 def __getattr__(name: str):

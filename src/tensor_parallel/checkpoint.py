@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
 import tempfile
-from typing import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map"]
+if TYPE_CHECKING:
+    from .split import Shard
+
+__all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map",
+           "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +204,389 @@ def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
         return
     raise NotImplementedError("save_tensor_parallel on a module that contains a split model "
                               "is not supported yet; call it on the split model itself")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: sources that hand out slices of full tensors without reading the rest
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: the message names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a full tensor lives and what it is."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+
+class TensorSource(abc.ABC):
+    """Full tensors by name, read a slice at a time."""
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """Names of the full tensors."""
+
+    @abc.abstractmethod
+    def info(self, key: str) -> TensorInfo:
+        """Shape, dtype and file of the full tensor ``key``."""
+
+    @abc.abstractmethod
+    def read(self, key: str, shard: "Shard | None", rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slice of ``key`` cut by ``shard`` (None: the whole tensor)."""
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class FileSource(TensorSource):
+    """An ordinary checkpoint folder or file: ``model.safetensors``, sharded safetensors with an
+    index, or ``.bin`` files (read with ``weights_only=True``, memory-mapped).
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_checkpoint({"w": torch.arange(6.0).reshape(3, 2)}, folder)
+        >>> source = FileSource(folder)
+        >>> source.info("w").shape
+        (3, 2)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        self._open: dict[str, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._where = self._index()
+
+    def _index(self) -> dict[str, str]:
+        if os.path.isfile(self.path) and not self.path.endswith(".json"):
+            return {key: os.path.basename(self.path) for key in self._file_keys(os.path.basename(self.path))}
+        index = self.path if self.path.endswith(".json") else _find_index(self.folder)
+        if index is not None:
+            with open(index) as handle:
+                weight_map = json.load(handle)["weight_map"]
+            for name in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(self.folder, name)):
+                    raise CheckpointError(f"{index} names the file {name}, which is missing from {self.folder}")
+            return dict(weight_map)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(self.folder, single)):
+                return {key: single for key in self._file_keys(single)}
+        raise CheckpointError(f"{self.path} holds no model.safetensors, pytorch_model.bin or *.index.json")
+
+    def _file_keys(self, name: str) -> list[str]:
+        return list(self._handle(name).keys())
+
+    def _handle(self, name: str):
+        """An open file. A memory-mapped file's touched pages count as resident while it is
+        open, so a safetensors file is opened anew for each tensor (its header is small) and
+        a ``.bin`` file is kept open only until the next file is needed (loads read tensors
+        grouped by file)."""
+        if name.endswith(".safetensors") and name in self._open:
+            self.close()
+        if name not in self._open:
+            self.close()
+            path = os.path.join(self.folder, name)
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors import safe_open
+
+                    self._open[name] = safe_open(path, framework="pt")
+                else:
+                    self._open[name] = _BinFile(path)
+            except CheckpointError:
+                raise
+            except Exception as error:  # a truncated or corrupt file
+                raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+        return self._open[name]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, key: str) -> TensorInfo:
+        if key not in self._infos:
+            name = self._where[key]
+            handle = self._handle(name)
+            try:
+                piece = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), None) if hasattr(piece, "get_dtype") else piece.dtype
+                self._infos[key] = TensorInfo(tuple(piece.get_shape()), dtype, name)
+            except Exception as error:
+                raise CheckpointError(f"{os.path.join(self.folder, name)} does not hold the tensor {key!r} "
+                                      f"its index promises ({type(error).__name__}: {error})") from error
+        return self._infos[key]
+
+    def read(self, key: str, shard: "Shard | None", rank: int) -> torch.Tensor:
+        info = self.info(key)
+        try:
+            return self._read(self._handle(info.file), key, info, shard, rank)
+        except Exception as error:
+            raise CheckpointError(f"cannot read {key!r} from {os.path.join(self.folder, info.file)}: "
+                                  f"{type(error).__name__}: {error}") from error
+        finally:
+            if info.file.endswith(".safetensors"):
+                self.close()  # unmap: its pages would otherwise stay resident
+
+    @staticmethod
+    def _read(handle, key: str, info: TensorInfo, shard: "Shard | None", rank: int) -> torch.Tensor:
+        if shard is None:
+            return handle.get_tensor(key)
+        piece = handle.get_slice(key)
+        dim = shard.dim % len(info.shape)
+        parts = []
+        for start, stop in shard.ranges[rank]:
+            index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
+            parts.append(piece[index])
+        if not parts:
+            shape = list(info.shape)
+            shape[dim] = 0
+            return torch.empty(shape, dtype=info.dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _find_index(folder: str) -> str | None:
+    indexes = sorted(f for f in os.listdir(folder) if f.endswith(".index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder} holds several indexes {indexes}; pass the one to load")
+    return os.path.join(folder, indexes[0]) if indexes else None
+
+
+def _load_weights_only(path: str):
+    """``torch.load`` that never runs pickled code; memory-mapped when the file allows it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error).lower() and "zip" not in str(error).lower():
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
+
+
+class _BinFile:
+    """A pickled state dict read safely (``weights_only=True``) and memory-mapped."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.tensors = _load_weights_only(path)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{path} is a pickle that wants to run code or build objects other than "
+                                  f"tensors; refusing to load it (weights_only=True): {error}") from error
+        if not isinstance(self.tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in self.tensors.values()):
+            raise CheckpointError(f"{path} does not hold a plain dict of tensors")
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, key: str):
+        return _TensorSlice(self.tensors[key])
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+class _TensorSlice:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.dtype = tensor.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index):
+        return self.tensor[index].clone()
+
+
+class SplitSource(TensorSource):
+    """A split state saved for ``world_size`` ranks (keys ``<prefix><rank>.<key>``), read as
+    full tensors: a slice for any other cut is assembled from the pieces that cover it, so
+    re-sharding N -> M never holds more than one slice.
+    """
+
+    def __init__(self, files: FileSource, layout: Mapping[str, "Shard | None"], world_size: int,
+                 prefix: str = "wrapped_model.module_shards.") -> None:
+        self.files, self.layout, self.world_size, self.prefix = files, layout, world_size, prefix
+
+    def _name(self, rank: int, key: str) -> str:
+        return f"{self.prefix}{rank}.{key}"
+
+    def keys(self) -> list[str]:
+        present = set(self.files.keys())
+        return [key for key in self.layout if self._name(0, key) in present]
+
+    def info(self, key: str) -> TensorInfo:
+        first = self.files.info(self._name(0, key))
+        shard = self.layout[key]
+        if shard is None:
+            return first
+        shape = list(first.shape)
+        shape[shard.dim % len(shape)] = shard.size
+        return TensorInfo(tuple(shape), first.dtype, first.file)
+
+    def read(self, key: str, shard: "Shard | None", rank: int) -> torch.Tensor:
+        saved = self.layout[key]
+        if saved is None:
+            whole = self.files.read(self._name(0, key), None, 0)
+            return whole if shard is None else shard.take(whole, rank).clone()
+        wanted = ((0, saved.size),) if shard is None else shard.ranges[rank]
+        dim = saved.dim
+        pieces = [self._read_range(key, saved, dim, start, stop) for start, stop in wanted]
+        if not pieces:
+            shape = list(self.info(key).shape)
+            shape[dim % len(shape)] = 0
+            return torch.empty(shape, dtype=self.info(key).dtype)
+        return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+    def _read_range(self, key: str, saved: "Shard", dim: int, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) of the full tensor, from whichever saved ranks hold them."""
+        from .split import Shard
+
+        parts, position = [], start
+        while position < stop:
+            found = None
+            for rank, ranges in enumerate(saved.ranges):
+                offset = 0
+                for a, b in ranges:
+                    if a <= position < b:
+                        found = (rank, offset + position - a, min(b, stop) - position)
+                        break
+                    offset += b - a
+                if found:
+                    break
+            if found is None:
+                raise CheckpointError(f"no saved rank holds position {position} of {key!r}")
+            rank, local, length = found
+            window = Shard(dim, saved.local_size(rank), (((local, local + length),),))
+            parts.append(self.files.read(self._name(rank, key), window, 0))
+            position += length
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a split model built on the meta device
+# --------------------------------------------------------------------------------------------
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[int, str, nn.Module, str, bool]]]:
+    """Each meta tensor of the shards -> every (rank, key, module, name, is_param) holding it."""
+    groups: dict[int, list] = {}
+    for rank, shard in enumerate(model.module_shards):
+        for path, module in shard.named_modules(remove_duplicate=False):
+            for is_param, table in ((True, module._parameters), (False, module._buffers)):
+                for name, tensor in table.items():
+                    if tensor is not None and tensor.device.type == "meta":
+                        key = f"{path}.{name}" if path else name
+                        groups.setdefault(id(tensor), []).append((rank, key, module, name, is_param))
+    return groups
+
+
+def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | None = None,
+                ignore_unexpected: Iterable[str] = (), progress: bool | None = None) -> None:
+    """Fill every meta tensor of a split model (a :class:`~tensor_parallel.TensorParallel`
+    built on the meta device) with its rank's slice, read from ``source`` slice by slice.
+
+    Everything is checked before the first tensor is read (missing and unexpected tensors,
+    shapes); a failure raises :class:`CheckpointError` naming the file and tensor.
+
+    Example::
+
+        >>> import tempfile, torch, tensor_parallel as tp
+        >>> from tensor_parallel.checkpoint import FileSource, load_shards, write_checkpoint
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_checkpoint(mlp.state_dict(), folder)
+        >>> model = tp.tensor_parallel(mlp.to("meta"), ["cpu", "cpu"])
+        >>> load_shards(model, FileSource(folder))
+        >>> model.module_shards[1][2].weight.device
+        device(type='cpu')
+    """
+    groups = _holders(model)
+    plan = _check_against(model, source, groups, list(ignore_unexpected))
+    plan.sort(key=lambda item: source.info(item[1]).file)  # one file open at a time
+    total = sum(_nbytes(source.info(key)) for _, key, _ in plan)
+    with _progress(total, "loading", progress) as bar:
+        for holders, key, rank in plan:
+            shard = model.layout.get(holders[0][1])
+            tensor = source.read(key, shard, rank)
+            _assign(holders, tensor, model.devices[rank], dtype)
+            bar.update(_nbytes(source.info(key)))
+    source.close()
+
+
+def _nbytes(info: TensorInfo) -> int:
+    numel = 1
+    for size in info.shape:
+        numel *= size
+    return numel * torch.empty((), dtype=info.dtype).element_size()
+
+
+def _check_against(model, source: TensorSource, groups, ignore: list[str]):
+    """(holders, source key, rank) per meta tensor; raises before anything is read."""
+    available = set(source.keys())
+    used: set[str] = set()
+    plan, missing = [], []
+    for holders in groups.values():
+        keys = [key for _, key, *_ in holders]
+        key = next((k for k in keys if k in available), None)
+        if key is None:
+            missing.append(keys[0])
+            continue
+        used.update(k for k in keys if k in available)
+        _check_shape(model, source, key, holders[0])
+        plan.append((holders, key, holders[0][0]))
+    if missing:
+        missing = sorted(set(missing))
+        raise CheckpointError(f"the checkpoint {_where(source)} lacks {len(missing)} tensor(s) the model "
+                              f"needs: {missing[:8]}")
+    unexpected = sorted(k for k in available - used
+                        if not any(re.search(pattern, k) for pattern in ignore))
+    if unexpected:
+        info = source.info(unexpected[0])
+        raise CheckpointError(f"the checkpoint holds {len(unexpected)} tensor(s) the model does not have, "
+                              f"e.g. {unexpected[0]!r} in {info.file}: {unexpected[:8]}; is it a checkpoint "
+                              f"of another architecture?")
+    return plan
+
+
+def _where(source: TensorSource) -> str:
+    files = getattr(source, "files", source)
+    return getattr(files, "path", type(source).__name__)
+
+
+def _check_shape(model, source: TensorSource, key: str, holder) -> None:
+    rank, local_key, module, name, _ = holder
+    local = (module._parameters if name in module._parameters else module._buffers)[name]
+    shard = model.layout.get(local_key)
+    expected = list(local.shape)
+    if shard is not None:
+        expected[shard.dim % len(expected)] = shard.size
+    info = source.info(key)
+    if tuple(expected) != tuple(info.shape):
+        raise CheckpointError(f"{key!r} in {info.file} has shape {list(info.shape)}, but the model needs "
+                              f"{expected}; is it a checkpoint of another configuration?")
+    if info.dtype is not None and info.dtype.is_floating_point != local.dtype.is_floating_point:
+        raise CheckpointError(f"{key!r} in {info.file} is {info.dtype}, but the model holds {local.dtype} there")
+
+
+def _assign(holders, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> None:
+    _, _, module, name, is_param = holders[0]
+    old = module._parameters[name] if is_param else module._buffers[name]
+    target = dtype if (dtype is not None and old.dtype.is_floating_point) else old.dtype
+    data = tensor.to(device=device, dtype=target)
+    if data.data_ptr() == tensor.data_ptr() and device.type == "cpu":
+        data = data.clone()  # never keep a view into a memory-mapped file
+    new = nn.Parameter(data, requires_grad=old.requires_grad) if is_param else data
+    for _, _, holder, holder_name, holder_is_param in holders:
+        (holder._parameters if holder_is_param else holder._buffers)[holder_name] = new

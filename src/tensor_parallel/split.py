@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor"]
+__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,21 @@ def _warn_unshared_replicas(materializer: "_Materializer") -> None:
             logger.warning("%s: ranks hold overlapping slices (replicated heads) in separate parameters; "
                            "forward and generation are exact, but their gradients are not summed across "
                            "ranks yet, so do not train this model split this way", where)
+
+
+def layout_for(module: nn.Module, plan: Mapping[str, "Style"], world_size: int) -> dict[str, Shard | None]:
+    """How each key of ``module.state_dict()`` is cut over ``world_size`` ranks by a resolved
+    ``plan``, without building anything (works on the meta device).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        >>> layout_for(mlp, {"0": tp.ColwiseParallel()}, 2)["0.weight"].ranges
+        (((0, 3),), ((3, 6),))
+    """
+    specs = {path: style.shard_specs(module.get_submodule(path), world_size) for path, style in plan.items()}
+    return _layout(module, _by_owner(specs))
 
 
 def _by_owner(specs: Mapping[str, Mapping[str, Shard]]) -> dict[str, dict[str, Shard]]:

@@ -4,6 +4,8 @@ The core package never imports this folder unless it is given a transformers mod
 """
 
 from .model import ShardedCache, TensorParallelPreTrainedModel
+from .loading import from_pretrained
 from .plans import plan_for_pretrained, translate_tp_plan
 
-__all__ = ["TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan"]
+__all__ = ["TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan",
+           "from_pretrained"]
