@@ -186,7 +186,7 @@ def shrink_dict(data: dict[str, Any], sub_configs: set[str] = frozenset(),
             data[key] = _shrink_value(key, value, old_width)
     if "kv_lora_rank" in data:  # multi-head latent attention: one K/V head per query head, and
         data["num_key_value_heads"] = data.get("num_attention_heads")  # head_dim tied to the
-        data["head_dim"] = original.get("head_dim")  # (unchanged) rotary / no-rotary head sizes
+        data["head_dim"] = original.get("head_dim") or data.get("qk_rope_head_dim")  # rotary size
     _shrink_layer_lists(data, old_layers)
     if isinstance(data.get("vocab_size"), int):
         _clamp_token_ids(data, data["vocab_size"], outside_token_id)
@@ -511,18 +511,31 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grouped_failures(results: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """``[status] reason`` -> model type -> the device counts it failed at (empty: not split)."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for r in results:
+        if r["status"] == "split_fails":
+            for n, split in r["splits"].items():
+                if not split["ok"]:
+                    groups.setdefault(f"[split_fails] {split['error']}", {}).setdefault(r["model_type"], []).append(n)
+        elif r.get("error"):
+            groups.setdefault(f"[{r['status']}] {r['error']}", {}).setdefault(r["model_type"], [])
+    return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
+
+
 def summary(results: list[dict[str, Any]]) -> str:
     """The totals, the plan-source breakdown and the failures grouped by reason (stdout)."""
     lines = [totals_line(results)]
     lines += [f"  {source}: {correct}/{ran} correct ({nothing} of them split no layer)"
               for source, (correct, ran, nothing) in by_plan_source(results).items()]
-    groups: dict[str, list[str]] = {}
-    for r in results:
-        for reason in failure_reasons(r):
-            groups.setdefault(f"[{r['status']}] {reason.split(': ', 1)[-1] if r['status'] == 'split_fails' else reason}",
-                              []).append(r["model_type"])
-    for reason, types in sorted(groups.items(), key=lambda item: -len(item[1])):
-        lines.append(f"{len(types):3d} x {reason}\n      {', '.join(sorted(set(types)))}")
+    lines.append("failures by reason:")
+    for reason, types in grouped_failures(results).items():
+        named = [f"{t} @{','.join(ns)}" if ns else t for t, ns in sorted(types.items())]
+        lines.append(f"{len(types):3d} x {reason}\n      {', '.join(named)}")
+    nothing = sorted(r["model_type"] for r in results if split_nothing(r))
+    if nothing:
+        lines.append(f"correct but split no layer: {', '.join(nothing)}")
     return "\n".join(lines)
 
 
