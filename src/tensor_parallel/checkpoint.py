@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .split import Shard
 
 __all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map",
-           "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards"]
+           "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards",
+           "LazyTensor", "unsharded_tensors", "split_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,26 @@ def _plan_files(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
     return files
 
 
-def write_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor produced only when its file is written (``load()``), so that a save holds one
+    file's tensors at a time, never the whole model."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    def numel(self) -> int:
+        total = 1
+        for size in self.shape:
+            total *= size
+        return total
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_checkpoint(tensors: Iterable[tuple[str, torch.Tensor | LazyTensor]] | Mapping[str, torch.Tensor | LazyTensor],
                      directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                      safe_serialization: bool = True, index_name: str | None = None,
                      metadata: Mapping[str, str] | None = None, progress: bool | None = None,
@@ -128,8 +148,11 @@ def write_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, 
     return names
 
 
-def _write_file(path: str, tensors: Mapping[str, torch.Tensor], metadata, safe: bool) -> None:
-    owned = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+def _write_file(path: str, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata, safe: bool) -> None:
+    owned = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.load() if isinstance(tensor, LazyTensor) else tensor
+        owned[key] = tensor.detach().to("cpu").contiguous().clone()
     if safe:
         from safetensors.torch import save_file
 
@@ -590,3 +613,50 @@ def _assign(holders, tensor: torch.Tensor, device: torch.device, dtype: torch.dt
     new = nn.Parameter(data, requires_grad=old.requires_grad) if is_param else data
     for _, _, holder, holder_name, holder_is_param in holders:
         (holder._parameters if holder_is_param else holder._buffers)[holder_name] = new
+
+
+# --------------------------------------------------------------------------------------------
+# Streams of tensors to write: unsharded from a split model, or split from a source
+# --------------------------------------------------------------------------------------------
+
+
+def unsharded_tensors(model: nn.Module) -> dict[str, LazyTensor]:
+    """The original module's state, each full tensor gathered from the shards only when its
+    file is written.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+        >>> lazy = unsharded_tensors(model)
+        >>> lazy["0.weight"].shape, lazy["0.weight"].load().shape
+        ((4, 2), torch.Size([4, 2]))
+    """
+    from .split import gather_tensor
+
+    shards = [shard.state_dict(keep_vars=True) for shard in model.module_shards]
+    out = {}
+    for key, shard in model.layout.items():
+        pieces = [state[key] for state in shards]
+        shape = list(pieces[0].shape)
+        if shard is not None:
+            shape[shard.dim % len(shape)] = shard.size
+        out[key] = LazyTensor(tuple(shape), pieces[0].dtype,
+                              lambda shard=shard, pieces=pieces: gather_tensor(shard, pieces))
+    return out
+
+
+def split_tensors(source: TensorSource, layout: Mapping[str, "Shard | None"], world_size: int,
+                  prefix: str = "wrapped_model.module_shards.") -> dict[str, LazyTensor]:
+    """The split state for ``world_size`` ranks (keys ``<prefix><rank>.<key>``), each slice
+    read from ``source`` only when its file is written."""
+    out = {}
+    for rank in range(world_size):
+        for key, shard in layout.items():
+            info = source.info(key)
+            shape = list(info.shape)
+            if shard is not None:
+                shape[shard.dim % len(shape)] = shard.local_size(rank)
+            out[f"{prefix}{rank}.{key}"] = LazyTensor(
+                tuple(shape), info.dtype, lambda key=key, shard=shard, rank=rank: source.read(key, shard, rank))
+    return out
