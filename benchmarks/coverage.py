@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -70,7 +71,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("max_position_embeddings", "n_positions"), 128),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token"), 2),
-    # Mamba-2 heads: heads x head size = expand (2) x width
+    # Mamba-2 heads (bamba, falcon_h1): heads x head size = expand (2) x width
     "mamba_n_heads": 8,
     "mamba_d_head": 16,
     "mamba_d_ssm": 128,
@@ -87,10 +88,13 @@ FLAGS: dict[str, Any] = {"is_decoder": True}
 #: 2 layers that still mix their kinds (a dense layer then an MoE layer, attention every other
 #: layer in hybrid models, no KV sharing), Mamba-2 heads that fit their groups, rotary
 #: dimensions that fit a head
-CLAMPS: dict[str, int] = {"n_group": 1, "num_expert_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
-                          "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
-                          "expert_layer_offset": 1, "num_kv_shared_layers": 0, "n_groups": 1,
-                          "expand": 1, "rotary_dim": 8}
+CLAMPS: dict[str, int] = {
+    "n_group": 1, "num_expert_group": 1, "topk_group": 1,
+    "first_k_dense_replace": 1, "attn_layer_period": 2, "attn_layer_offset": 1,
+    "expert_layer_period": 2, "expert_layer_offset": 1, "num_kv_shared_layers": 0,
+    "n_groups": 1, "expand": 1,  # mamba2: heads x head size = expand x width
+    "rotary_dim": 8,
+}
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "decoder_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "embed_dim")
@@ -294,13 +298,14 @@ def check_split(model: torch.nn.Module, ids: torch.Tensor, expected: torch.Tenso
         plan = tensor_parallel.plan_for(model) if plans == "generic" else None
         split = tensor_parallel.tensor_parallel(copy.deepcopy(model), ["cpu"] * n, plan=plan,
                                                 timeout=COLLECTIVE_TIMEOUT_S)
+        styles = split.plan.values()
+        result["split_layers"] = sum(not isinstance(s, tensor_parallel.Replicate) for s in styles)
         with torch.no_grad(), tensor_parallel.count_collectives() as stats:
             actual = logits_of(split(input_ids=ids))
     except Exception as error:  # any failure is a finding, recorded and reported
         result["error"], result["where"] = describe_error(error), _innermost_frame(error)
         return result
     result["collectives"] = dict(stats.calls)
-    result["split_layers"] = sum(not isinstance(style, tensor_parallel.Replicate) for style in split.plan.values())
     if actual.shape != expected.shape:
         result["error"] = f"logits shape {tuple(actual.shape)} != unsharded {tuple(expected.shape)}"
         return result
@@ -335,8 +340,8 @@ def check_model_type(model_type: str, plans: str, report: Callable[[dict], None]
     if unsharded is None:
         return
     model, ids, expected = unsharded
-    report({"status": "running", "plan_source": plan_source(model, plans), "model_class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters())})
+    report({"status": "running", "plan_source": plan_source(model, plans),
+            "model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())})
     splits: dict[str, Any] = {}
     for n in DEVICE_COUNTS:
         report({"stage": f"split over {n}"})
@@ -395,7 +400,8 @@ def run_guarded(model_type: str, plans: str, timeout: float = TIMEOUT_S) -> dict
     process.join()
     receiver.close()
     if result["status"] in ("crashed", "running"):
-        result.update(status="crashed", error=result.get("error") or f"child exited with code {process.exitcode}")
+        error = result.get("error") or f"child exited with code {process.exitcode}"
+        result.update(status="crashed", error=error)
     result.pop("stage", None)
     result["seconds"] = round(time.monotonic() - start, 2)
     return result
@@ -459,7 +465,8 @@ def by_plan_source(results: list[dict[str, Any]]) -> dict[str, tuple[int, int, i
     table: dict[str, tuple[int, int, int]] = {}
     for source in ("builtin", "tp_plan", "generic"):
         ran = [r for r in results if r.get("plan_source") == source]
-        table[source] = (sum(r["status"] == "correct" for r in ran), len(ran), sum(map(split_nothing, ran)))
+        correct = sum(r["status"] == "correct" for r in ran)
+        table[source] = (correct, len(ran), sum(map(split_nothing, ran)))
     return table
 
 
@@ -489,7 +496,9 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
     lines = [
         "# Coverage: causal-LM architectures of transformers split over CPU devices", "",
         f"- date: {meta['date']}",
-        f"- transformers {meta['transformers']}, torch {meta['torch']}, tensor_parallel {meta['tensor_parallel']}",
+        f"- transformers {meta['transformers']}, torch {meta['torch']}, "
+        f"tensor_parallel {meta['tensor_parallel']} at {meta['source']}",
+        f"- sweep wall time: {meta['wall_s']} s",
         f"- plans: `{meta['plans']}`",
         f"- reproduce: `{meta['command']}`",
         f"- tiny configs: width 64, {N_LAYERS} layers, 4 heads (2 KV), vocabulary 128, eager attention, "
@@ -506,8 +515,8 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
               "all_gather @2 | reason |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model_type']} | {r['status']} | {r.get('plan_source') or '-'} | "
-                     f"{_field(r, 'split_layers')} | {_diff(r, 2)} | {_diff(r, 3)} | {_count(r, 'all_reduce')} | "
-                     f"{_count(r, 'all_gather')} | {_cell(short_reason(r))} |")
+                     f"{_field(r, 'split_layers')} | {_diff(r, 2)} | {_diff(r, 3)} | "
+                     f"{_count(r, 'all_reduce')} | {_count(r, 'all_gather')} | {_cell(short_reason(r))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -515,12 +524,12 @@ def grouped_failures(results: list[dict[str, Any]]) -> dict[str, dict[str, list[
     """``[status] reason`` -> model type -> the device counts it failed at (empty: not split)."""
     groups: dict[str, dict[str, list[str]]] = {}
     for r in results:
-        if r["status"] == "split_fails":
-            for n, split in r["splits"].items():
-                if not split["ok"]:
-                    groups.setdefault(f"[split_fails] {split['error']}", {}).setdefault(r["model_type"], []).append(n)
-        elif r.get("error"):
-            groups.setdefault(f"[{r['status']}] {r['error']}", {}).setdefault(r["model_type"], [])
+        failed = [(n, s["error"]) for n, s in r.get("splits", {}).items() if not s["ok"]]
+        if r["status"] != "split_fails":
+            failed = [(None, r["error"])] if r.get("error") else []
+        for n, error in failed:
+            counts = groups.setdefault(f"[{r['status']}] {error}", {}).setdefault(r["model_type"], [])
+            counts.extend([n] if n else [])
     return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
 
 
@@ -551,13 +560,31 @@ def write_reports(results: list[dict[str, Any]], meta: dict[str, str], out: Path
 # --------------------------------------------------------------------------------------------
 
 
+def source_state() -> str:
+    """The library's git commit, plus the files under src/ changed since (the sweep tests the
+    working tree, as imported when it starts)."""
+    root = Path(tensor_parallel.__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit} + uncommitted changes to {', '.join(changed)}" if changed else commit
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.coverage", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coverage",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--plans", choices=("auto", "generic"), default="auto",
                         help="auto: the library's choice (built-in, tp_plan, generic); generic: "
                              "tensor_parallel.plan_for(model) for every model")
     parser.add_argument("--types", default=None, help="comma-separated model types (default: all)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report path (JSON next to it)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="Markdown report path (the JSON goes next to it)")
     return parser.parse_args(argv)
 
 
@@ -579,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     argv_used = sys.argv[1:] if argv is None else argv
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "transformers": transformers.__version__, "torch": torch.__version__,
-            "tensor_parallel": tensor_parallel.__version__, "plans": args.plans,
+            "tensor_parallel": tensor_parallel.__version__, "source": source_state(), "plans": args.plans,
             "command": shlex.join(["python", "-m", "benchmarks.coverage", *argv_used])}
     start = time.monotonic()
     results = sweep(selected_types(args.types), args.plans)

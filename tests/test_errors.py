@@ -140,3 +140,79 @@ def test_worker_threads_end_with_the_model():
     time.sleep(0.2)
     assert not [t for t in threading.enumerate()
                 if t.name.startswith("tensor_parallel-rank") and t.name not in before]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_keyboard_interrupt_stops_every_rank(rank):
+    class Interrupted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+            self.stop = False
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.stop:
+                raise KeyboardInterrupt
+            return self.b(h)
+
+    model = tp.tensor_parallel(Interrupted(), ["cpu"] * 3)
+    model.module_shards[rank].stop = True
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    assert time.monotonic() - start < 5
+    model.module_shards[rank].stop = False
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_a_collective_wait_times_out_with_a_clear_error():
+    class Stalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+            self.stall = False
+
+        def forward(self, x):
+            if self.stall:
+                time.sleep(1.5)
+            return self.b(self.a(x))
+
+    model = tp.tensor_parallel(Stalls(), ["cpu"] * 2, timeout=0.5)
+    model.module_shards[1].stall = True
+    with pytest.raises(tp.CollectiveError, match=r"waited 0 s in all_reduce.*raise timeout="):
+        model(torch.randn(2, 4))
+    model.module_shards[1].stall = False
+    time.sleep(1.5)
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_integer_weights_cannot_be_split_and_are_replicated_by_default():
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(layer.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="its weight is torch.int8"):
+        tp.tensor_parallel(nn.Sequential(layer), ["cpu", "cpu"], plan={"0": tp.ColwiseParallel()})
+    assert tp.plan_for(nn.Sequential(layer)) == {}
+
+
+def test_creating_and_deleting_models_does_not_leak():
+    import gc
+
+    def rss():
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    def cycle():
+        model = tp.tensor_parallel(nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256)), ["cpu"] * 3)
+        model(torch.randn(4, 256)).sum().backward()
+        del model
+        gc.collect()
+
+    for _ in range(3):
+        cycle()
+    before = rss()
+    for _ in range(20):
+        cycle()
+    # each model holds 2 MB of weights and gradients: 20 leaked models would add 40+ MB
+    assert rss() - before < 16 * 2**20
+    assert len([t for t in threading.enumerate() if t.name.startswith("tensor_parallel-rank")]) < 4

@@ -155,6 +155,9 @@ def plan_for(module: nn.Module, world_size: int | None = None) -> Plan:
 
 
 def _splittable(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")  # not getattr: fx's tracer records those reads
+    if not isinstance(weight, torch.Tensor) or not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+        return False  # integer (quantized) weights: partial sums across ranks are not defined
     if linear_kind(module) is not None:
         return True
     plain_embedding = type(module).forward in (nn.Embedding.forward, nn.EmbeddingBag.forward)
@@ -218,7 +221,7 @@ def _read_directly(graph: fx.Graph | None) -> set[str]:
     """Paths of modules whose tensors the traced forward reads itself (``self.emb.weight``)."""
     if graph is None:
         return set()
-    return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
 
 
 def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],

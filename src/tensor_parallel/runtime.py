@@ -165,9 +165,15 @@ class ShardRunner:
         calls = [_Call(fn, modes) for fn in fns]
         for worker, call in zip(self.workers, calls[1:]):
             worker.tasks.put(self._guarded(call))
-        self._guarded(calls[0])()
-        for call in calls[1:]:
-            call.done.wait()
+        try:
+            self._guarded(calls[0])()
+            for call in calls[1:]:
+                call.done.wait()
+        except BaseException as error:  # KeyboardInterrupt while waiting: release every rank
+            self.group.abort(error)
+            for call in calls[1:]:
+                call.done.wait(timeout=self.group.timeout)
+            raise
         self._raise_first_error(calls)
         return [call.result for call in calls]
 

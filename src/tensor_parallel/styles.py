@@ -156,7 +156,16 @@ def _require_linear(style: Style, module: nn.Module, path: str) -> LinearKind:
             f"{type(style).__name__} cannot split '{path}' ({type(module).__name__}): it splits "
             f"nn.Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d with groups=1 and their default "
             f"forward; use Replicate() for this module or register_linear_kind() for its type")
+    _require_float(style, module.weight, path)
     return kind
+
+
+def _require_float(style: Style, weight: torch.Tensor, path: str) -> None:
+    """Partial results are summed across ranks: integer (quantized) weights cannot be."""
+    if not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+        raise TypeError(f"{type(style).__name__} cannot split '{path}': its weight is {weight.dtype}, and "
+                        f"split layers sum floating-point partial results; dequantize it first or use "
+                        f"Replicate() for it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +603,7 @@ class EmbeddingParallel(Style):
             raise TypeError(f"EmbeddingParallel cannot split '{path}' ({type(module).__name__}): "
                             f"it splits nn.Embedding and nn.EmbeddingBag (and subclasses whose "
                             f"forward looks up, then scales)")
+        _require_float(self, module.weight, path)
         if module.max_norm is not None:
             raise TypeError(f"EmbeddingParallel cannot split '{path}': max_norm renormalises whole "
                             f"rows in place; use Replicate() for it")
