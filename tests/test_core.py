@@ -359,3 +359,26 @@ def test_outputs_in_containers():
     out, ref = model(x, scale=2.0), module(x, scale=2.0)
     assert_close(out["h"], ref["h"], "h")
     assert_close(out["y"][0], ref["y"][0], "y")
+
+
+class BranchyReader(nn.Module):
+    """Untraceable (data-dependent branch) and reads a layer's weight outside that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 10)
+        self.b = nn.Linear(10, 6)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h.relu() if h.sum() > 0 else h.tanh()
+        return self.b(h) + x @ self.a.weight.t()[:, :6]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_probe_forward_finds_weights_read_outside_their_layer(n):
+    module = _seeded(BranchyReader)
+    x = torch.randn(3, 6)
+    plan = tp.plan_for(module, n, example_inputs=(x,))
+    assert "a" not in plan and plan["b"] == tp.ColwiseParallel(gather_output=True)
+    check_equivalence(module, (x,), n, plan=plan)

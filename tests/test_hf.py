@@ -141,3 +141,20 @@ def test_plan_is_the_megatron_layout():
     assert isinstance(plan["model.layers.0.self_attn"], tp.AttentionParallel)
     assert plan["model.layers.1.mlp.down_proj"] == tp.RowwiseParallel()
     assert plan["lm_head"] == tp.ColwiseParallel(gather_output=True)
+
+
+def test_shipped_tp_plans_are_translated_with_ties_and_heads_kept():
+    import transformers
+
+    # a type without a built-in plan: its config's base_model_tp_plan is translated
+    config = transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for n in (2, 3, 4):
+        split = _split(model, n)
+        ids = _ids()
+        with torch.no_grad():
+            assert_close(split(ids).logits, model(ids).logits, f"olmo2 over {n}")
+        shard = split.module_shards[0]
+        assert shard.lm_head.weight is shard.model.embed_tokens.weight

@@ -136,6 +136,21 @@ def test_truncated_file(tmp_path):
         tp.from_pretrained(folder, ["cpu", "cpu"])
 
 
+def test_a_failed_load_leaves_nothing_half_loaded(tmp_path):
+    from tensor_parallel.checkpoint import FileSource, load_shards
+    from tensor_parallel.hf.loading import empty_model
+
+    _, folder = _save(tmp_path, "llama", max_shard_size="30KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    victim = folder / sorted(set(index["weight_map"].values()))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-100])  # the header is intact: the failure comes mid-load
+    model = tp.TensorParallelPreTrainedModel(empty_model(folder), ["cpu", "cpu"])
+    with pytest.raises(CheckpointError):
+        load_shards(model.wrapped_model, FileSource(folder))
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     _, llama = _save(tmp_path, "llama")
     _, gpt2 = _save(tmp_path, "gpt2")

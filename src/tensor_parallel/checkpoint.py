@@ -539,13 +539,19 @@ def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | 
     plan = _check_against(model, source, groups, list(ignore_unexpected))
     plan.sort(key=lambda item: source.info(item[1]).file)  # one file open at a time
     total = sum(_nbytes(source.info(key)) for _, key, _ in plan)
-    with _progress(total, "loading", progress) as bar:
-        for holders, key, rank in plan:
-            shard = model.layout.get(holders[0][1])
-            tensor = source.read(key, shard, rank)
-            _assign(holders, tensor, model.devices[rank], dtype)
-            bar.update(_nbytes(source.info(key)))
-    source.close()
+    done: list = []
+    try:
+        with _progress(total, "loading", progress) as bar:
+            for holders, key, rank in plan:
+                tensor = source.read(key, model.layout.get(holders[0][1]), rank)
+                done.append((holders, _assign(holders, tensor, model.devices[rank], dtype)))
+                bar.update(_nbytes(source.info(key)))
+    except BaseException:
+        for holders, old in reversed(done):  # never a model half-loaded: back to the meta device
+            _put(holders, old)
+        raise
+    finally:
+        source.close()
 
 
 def _nbytes(info: TensorInfo) -> int:
@@ -603,16 +609,21 @@ def _check_shape(model, source: TensorSource, key: str, holder) -> None:
         raise CheckpointError(f"{key!r} in {info.file} is {info.dtype}, but the model holds {local.dtype} there")
 
 
-def _assign(holders, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> None:
+def _assign(holders, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Put ``tensor`` in every holder; return what was there (the meta tensor)."""
     _, _, module, name, is_param = holders[0]
     old = module._parameters[name] if is_param else module._buffers[name]
     target = dtype if (dtype is not None and old.dtype.is_floating_point) else old.dtype
     data = tensor.to(device=device, dtype=target)
     if data.data_ptr() == tensor.data_ptr() and device.type == "cpu":
         data = data.clone()  # never keep a view into a memory-mapped file
-    new = nn.Parameter(data, requires_grad=old.requires_grad) if is_param else data
-    for _, _, holder, holder_name, holder_is_param in holders:
-        (holder._parameters if holder_is_param else holder._buffers)[holder_name] = new
+    _put(holders, nn.Parameter(data, requires_grad=old.requires_grad) if is_param else data)
+    return old
+
+
+def _put(holders, tensor: torch.Tensor) -> None:
+    for _, _, holder, name, is_param in holders:
+        (holder._parameters if is_param else holder._buffers)[name] = tensor
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,11 +16,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import operator
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .styles import (ColwiseParallel, EmbeddingParallel, Replicate, RowwiseParallel, Style,
                      linear_kind)
@@ -121,13 +124,15 @@ def format_plan(plan: Mapping[str, Style]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def plan_for(module: nn.Module, world_size: int | None = None) -> Plan:
+def plan_for(module: nn.Module, world_size: int | None = None, *,
+             example_inputs: Mapping[str, Any] | tuple | None = None) -> Plan:
     """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
 
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
     output reaches the next layer through elementwise work only; every other linear-like layer
     is split by output features and gathered right after. Layers that share a weight, or
-    whose weights the forward reads directly, are replicated.
+    whose weights the forward reads directly, are replicated. When fx cannot trace the module,
+    ``example_inputs`` (positional tuple or keyword dict) lets one real forward find those reads.
 
     Example::
 
@@ -138,7 +143,8 @@ def plan_for(module: nn.Module, world_size: int | None = None) -> Plan:
     """
     candidates = {path: sub for path, sub in module.named_modules() if _splittable(sub)}
     graph = _trace(module)
-    for path in _tied_modules(module) | _read_directly(graph):
+    direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
+    for path in _tied_modules(module) | direct:
         candidates.pop(path, None)
     roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
     plan: Plan = {}
@@ -222,6 +228,53 @@ def _read_directly(graph: fx.Graph | None) -> set[str]:
     if graph is None:
         return set()
     return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Records modules whose parameters an op reads while another module's forward runs."""
+
+    def __init__(self, owners: Mapping[int, str], running: list[str]) -> None:
+        super().__init__()
+        self.owners, self.running, self.foreign = owners, running, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in pytree.tree_leaves((args, kwargs)):
+            owner = self.owners.get(id(value)) if isinstance(value, nn.Parameter) else None
+            if owner is not None and (not self.running or self.running[-1] != owner):
+                self.foreign.add(owner)
+        return func(*args, **kwargs)
+
+
+def _read_at_run_time(module: nn.Module, example_inputs) -> set[str]:
+    """Paths of modules whose weights are read outside their own forward, found by one real
+    forward on ``example_inputs``; nothing found without inputs or on the meta device."""
+    if example_inputs is None or any(p.device.type == "meta" for p in module.parameters()):
+        return set()
+    owners = {id(p): path for path, sub in module.named_modules() for p in sub.parameters(recurse=False)}
+    names = {id(sub): path for path, sub in module.named_modules()}
+    running: list[str] = []
+
+    def push(module: nn.Module, args) -> None:
+        running.append(names.get(id(module), "?"))
+
+    def pop(module: nn.Module, args, output) -> None:  # returns None: the output is kept
+        running.pop()
+
+    enter = register_module_forward_pre_hook(push)
+    leave = register_module_forward_hook(pop)
+    reads = _ParameterReads(owners, running)
+    try:
+        with torch.no_grad(), reads:
+            args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+            module(*args, **kwargs)
+    except Exception as error:  # the probe is best effort: without it, no pairs are made
+        logger.info("probe forward of %s failed (%s: %s)", type(module).__name__, type(error).__name__, error)
+        return {path for path in owners.values()}
+    finally:
+        enter.remove()
+        leave.remove()
+    return reads.foreign
 
 
 def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],

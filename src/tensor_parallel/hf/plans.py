@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..plan import Plan, path_matches, plan_for
@@ -50,9 +51,9 @@ _register_falcon_linear()
 
 def _base(module: nn.Module) -> str:
     """Path prefix of the base model inside ``module`` ("model." for LlamaForCausalLM)."""
-    prefix = getattr(module, "base_model_prefix", "")
-    if prefix and isinstance(getattr(module, prefix, None), nn.Module):
-        return prefix + "."
+    for prefix in (getattr(module, "base_model_prefix", ""), "model", "transformer"):
+        if prefix and isinstance(getattr(module, prefix, None), nn.Module):
+            return prefix + "."
     return ""
 
 
@@ -308,12 +309,14 @@ _SIMPLE_STYLES: dict[str, Style] = {
 }
 
 
-def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str]) -> Plan:
+def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str], world_size: int = 2) -> Plan:
     """Our plan for a transformers ``base_model_tp_plan`` (paths relative to the base model).
 
-    q/k/v column splits with an o row split under one module become one
-    :class:`AttentionParallel` (whole heads, uneven and GQA-aware); entries we cannot express
-    (expert parallelism, MLA projections) are left replicated, which is always correct.
+    The q/k/v column splits and the o row split of an attention module become one
+    :class:`AttentionParallel` (whole heads, uneven and GQA-aware). An attention module we
+    cannot recognise keeps transformers' plain splits only where its heads divide evenly by
+    ``world_size`` (what those plans assume), else it stays whole. Entries we cannot express
+    (expert parallelism, MLA projections) stay whole too: always correct, if less split.
 
     Example::
 
@@ -326,44 +329,126 @@ def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str]) -> Plan:
         ['model.layers.*.mlp.down_proj', 'model.layers.*.mlp.gate_proj']
     """
     base = _base(module)
+    groups: dict[str, dict[str, str]] = {}
+    for pattern, action in tp_plan.items():
+        parent, _, leaf = pattern.rpartition(".")
+        groups.setdefault(parent, {})[leaf] = action
     plan: Plan = {}
-    attention_parents: dict[str, dict[str, str]] = {}
-    for pattern, action in tp_plan.items():
-        parent, _, leaf = pattern.rpartition(".")
-        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") and action in ("colwise", "rowwise"):
-            attention_parents.setdefault(parent, {})[leaf] = action
-    for parent, roles in attention_parents.items():
-        style = _attention_from_config(module, base + parent, roles)
-        if style is not None:
-            plan[base + parent] = style
-    for pattern, action in tp_plan.items():
-        parent, _, leaf = pattern.rpartition(".")
-        if base + parent in plan and leaf in attention_parents.get(parent, {}):
+    for parent, roles in groups.items():
+        path = f"{base}{parent}" if parent else base.rstrip(".")
+        if parent and _is_attention(module, path):
+            style = _attention_from_config(module, path, roles)
+            if style is not None:
+                plan[path] = style
+            elif _plain_attention_ok(module, path, roles, world_size):
+                plan.update({f"{path}.{leaf}": _SIMPLE_STYLES[a] for leaf, a in roles.items()})
+            else:
+                logger.info("tp_plan attention at %s: not recognised and not splittable as it is "
+                            "over %d devices; it stays whole", path, world_size)
             continue
-        style = _SIMPLE_STYLES.get(action)
-        if style is None:
-            logger.info("tp_plan entry %r: %r is not translated; that module stays whole", pattern, action)
-            continue
-        plan[base + pattern] = style
-    return _present(module, plan)
+        for leaf, action in roles.items():
+            target = f"{path}.{leaf}" if path else leaf
+            style = _translate_entry(module, target, action)
+            if style is None:
+                logger.info("tp_plan entry %s: %r is not translated; it stays whole", target, action)
+                continue
+            plan[target] = style
+    if _sparse_activations(module):  # an MLP that takes statistics over its intermediate features
+        plan = {p: s for p, s in plan.items() if not p.rpartition(".")[0].endswith("mlp")}
+    return _present(module, _keep_ties(module, plan))
+
+
+def _translate_entry(module: nn.Module, pattern: str, action: str) -> Style | None:
+    if action == "moe_tp_experts":
+        style: Style = ExpertsParallel()
+        return style if _checks(module, pattern, style) else None
+    style = _SIMPLE_STYLES.get(action)
+    return style if style is not None and _checks(module, pattern, style) else None
+
+
+def _checks(module: nn.Module, pattern: str, style: Style) -> bool:
+    """``style`` can split every module ``pattern`` matches (and it matches some)."""
+    matched = False
+    for path, sub in module.named_modules():
+        if path_matches(path, pattern):
+            matched = True
+            try:
+                style.check(sub, path, 1)
+            except (TypeError, ValueError):
+                return False
+    return matched
+
+
+def _plain_attention_ok(module: nn.Module, path: str, roles: dict[str, str], world_size: int) -> bool:
+    """transformers' own plain q/k/v/o splits: right only when heads divide evenly and every
+    entry is an ordinary column/row split of a submodule (no per-head parameters)."""
+    if any(action not in ("colwise", "rowwise") for action in roles.values()):
+        return False
+    if list(roles.values()).count("rowwise") != 1:  # one output projection, one all-reduce
+        return False
+    if not all(_checks(module, f"{path}.{leaf}", _SIMPLE_STYLES[a]) for leaf, a in roles.items()):
+        return False
+    return _heads_divide(module, world_size)
+
+
+def _sparse_activations(module: nn.Module) -> bool:
+    pattern = getattr(_text_config(module), "activation_sparsity_pattern", None)
+    return bool(pattern) and any(pattern)
+
+
+def _text_config(module: nn.Module):
+    config = module.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _is_attention(module: nn.Module, pattern: str) -> bool:
+    return any(path_matches(path, pattern) and ("Attention" in type(sub).__name__ or "Attn" in type(sub).__name__)
+               for path, sub in module.named_modules())
+
+
+def _heads_divide(module: nn.Module, world_size: int) -> bool:
+    try:
+        num_heads, num_kv, _ = _heads(_text_config(module))
+    except Exception:  # configs with per-layer head counts and the like
+        return False
+    return num_heads % world_size == 0 and num_kv % world_size == 0
+
+
+def _keep_ties(module: nn.Module, plan: Plan) -> Plan:
+    """A tied embedding and LM head must be cut alike: by vocabulary, both."""
+    if not tied_embeddings(module):
+        return plan
+    embedding = next((p for p, s in plan.items() if isinstance(s, EmbeddingParallel)), None)
+    if embedding is None:
+        return plan
+    plan[embedding] = EmbeddingParallel(dim=0)
+    if isinstance(getattr(module, "lm_head", None), nn.Module):
+        plan["lm_head"] = ColwiseParallel(gather_output=True)
+    return plan
+
+
+_ROLE_NAMES = {"q": ("q_proj", "query", "q"), "k": ("k_proj", "key", "k"), "v": ("v_proj", "value", "v")}
 
 
 def _attention_from_config(module: nn.Module, path: str, roles: dict[str, str]) -> AttentionParallel | None:
-    if roles != {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}:
+    rows = [leaf for leaf, action in roles.items() if action == "rowwise"]
+    columns = {leaf for leaf, action in roles.items() if action == "colwise"}
+    names = {role: next((n for n in options if n in columns), None) for role, options in _ROLE_NAMES.items()}
+    if len(rows) != 1 or None in names.values() or columns != set(names.values()):
         return None
-    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
     try:
-        num_heads, num_kv, head_dim = _heads(config)
-    except (AttributeError, TypeError):
+        num_heads, num_kv, head_dim = _heads(_text_config(module))
+    except Exception:  # configs with per-layer head counts and the like
         return None
-    style = AttentionParallel(num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv,
+    style = AttentionParallel(num_heads=num_heads, head_dim=head_dim, num_kv_heads=num_kv, q=names["q"],
+                              k=names["k"], v=names["v"], o=rows[0],
                               attributes=(("num_key_value_groups", "groups"),))
     for sub_path, sub in module.named_modules():
         if path_matches(sub_path, path):
             try:
                 style.check(sub, sub_path, 1)
             except (TypeError, ValueError) as error:
-                logger.info("tp_plan attention at %s kept as plain splits: %s", path, error)
+                logger.info("tp_plan attention at %s not recognised: %s", path, error)
                 return None
     return style
 
@@ -391,7 +476,21 @@ def plan_for_pretrained(module: nn.Module, world_size: int) -> Plan:
         return _present(module, BUILTIN_PLANS[model_type](module))
     tp_plan = getattr(module.config, "base_model_tp_plan", None) or {}
     if tp_plan:
-        logger.info("%s: no built-in plan; translating the tp_plan its config ships", model_type)
-        return translate_tp_plan(module, dict(tp_plan))
-    logger.info("%s: no built-in or shipped plan; using the generic default plan", model_type)
-    return plan_for(module, world_size)
+        plan = translate_tp_plan(module, dict(tp_plan), world_size)
+        if plan:
+            logger.info("%s: no built-in plan; translated the tp_plan its config ships", model_type)
+            return plan
+    logger.info("%s: no built-in or usable shipped plan; using the generic default plan", model_type)
+    return plan_for(module, world_size, example_inputs=_probe_inputs(module))
+
+
+def _probe_inputs(module: nn.Module) -> dict | None:
+    """A two-token input for one probe forward (finds weights read outside their layer)."""
+    name = getattr(module, "main_input_name", "input_ids")
+    if name != "input_ids":
+        return None
+    device = next((p.device for p in module.parameters()), None)
+    inputs = {"input_ids": torch.tensor([[1, 2]], device=device)}
+    if getattr(module.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.tensor([[1]], device=device)
+    return inputs
