@@ -10,7 +10,7 @@ the rest fall back to the generic default plan (always correct, gathers after ea
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -348,6 +348,9 @@ def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str], world_size: in
             continue
         for leaf, action in roles.items():
             target = f"{path}.{leaf}" if path else leaf
+            if action == "moe_tp_experts" and _has_special_parts(tp_plan, f"{parent}.{leaf}" if parent else leaf):
+                logger.info("tp_plan experts at %s have parts we cannot split alike; they stay whole", target)
+                continue
             style = _translate_entry(module, target, action)
             if style is None:
                 logger.info("tp_plan entry %s: %r is not translated; it stays whole", target, action)
@@ -356,6 +359,13 @@ def translate_tp_plan(module: nn.Module, tp_plan: dict[str, str], world_size: in
     if _sparse_activations(module):  # an MLP that takes statistics over its intermediate features
         plan = {p: s for p, s in plan.items() if not p.rpartition(".")[0].endswith("mlp")}
     return _present(module, _keep_ties(module, plan))
+
+
+def _has_special_parts(tp_plan: Mapping[str, str], experts: str) -> bool:
+    """Entries inside an experts module other than its fused weights (an identity expert, say):
+    their output would be summed once per rank by the experts' all-reduce."""
+    inside = {p: a for p, a in tp_plan.items() if p.startswith(experts + ".")}
+    return any(a not in ("packed_colwise", "colwise", "rowwise") for a in inside.values())
 
 
 def _translate_entry(module: nn.Module, pattern: str, action: str) -> Style | None:
@@ -402,7 +412,7 @@ def _text_config(module: nn.Module):
 
 
 def _is_attention(module: nn.Module, pattern: str) -> bool:
-    return any(path_matches(path, pattern) and ("Attention" in type(sub).__name__ or "Attn" in type(sub).__name__)
+    return any(path_matches(path, pattern) and any(word in type(sub).__name__ for word in ("Attention", "Attn", "MLA"))
                for path, sub in module.named_modules())
 
 
