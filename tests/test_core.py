@@ -361,13 +361,8 @@ def test_outputs_in_containers():
     assert_close(out["y"][0], ref["y"][0], "y")
 
 
-class BranchyReader(nn.Module):
+class BranchyReader(Branchy):
     """Untraceable (data-dependent branch) and reads a layer's weight outside that layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 10)
-        self.b = nn.Linear(10, 6)
 
     def forward(self, x):
         h = self.a(x)
