@@ -505,7 +505,7 @@ class SplitSource(TensorSource):
 def _holders(model: nn.Module) -> dict[int, list[tuple[int, str, nn.Module, str, bool]]]:
     """Each meta tensor of the shards -> every (rank, key, module, name, is_param) holding it."""
     groups: dict[int, list] = {}
-    for rank, shard in enumerate(model.module_shards):
+    for rank, shard in zip(model.shard_ranks, model.module_shards):
         for path, module in shard.named_modules(remove_duplicate=False):
             for is_param, table in ((True, module._parameters), (False, module._buffers)):
                 for name, tensor in table.items():
@@ -544,7 +544,8 @@ def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | 
         with _progress(total, "loading", progress) as bar:
             for holders, key, rank in plan:
                 tensor = source.read(key, model.layout.get(holders[0][1]), rank)
-                done.append((holders, _assign(holders, tensor, model.devices[rank], dtype)))
+                device = model.devices[model.shard_ranks.index(rank)]
+                done.append((holders, _assign(holders, tensor, device, dtype)))
                 bar.update(_nbytes(source.info(key)))
     except BaseException:
         for holders, old in reversed(done):  # never a model half-loaded: back to the meta device

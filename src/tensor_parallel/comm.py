@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "CollectiveError",
     "CollectiveStats",
     "Communicator",
     "ThreadGroup",
+    "DistributedCommunicator",
     "count_collectives",
 ]
 
@@ -137,8 +139,9 @@ class Communicator(abc.ABC):
         """Sum ``tensor`` over all ranks; every rank gets the sum."""
 
     @abc.abstractmethod
-    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's ``tensor`` along ``dim`` in rank order (sizes may differ)."""
+    def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` in rank order; ``sizes`` are the
+        ranks' sizes along ``dim`` (they may differ)."""
 
     @abc.abstractmethod
     def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -326,7 +329,7 @@ class ThreadCommunicator(Communicator):
             return _AllReduce.apply(*inputs)
         return self._exchange("all_reduce", tensor, run)
 
-    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int] = ()) -> torch.Tensor:
         dim = dim % tensor.dim()
 
         def run(inputs: list[torch.Tensor]):
@@ -343,3 +346,99 @@ class ThreadCommunicator(Communicator):
 
     def _exchange(self, kind, tensor, run):
         return self.group.exchange(self.rank, kind, tensor, run)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed: one rank per process (Megatron's conjugate operators)
+# --------------------------------------------------------------------------------------------
+#
+# Every process computes the replicated part of the model, the loss included, identically.
+# So the gradient of a replicated activation is the same on every rank; an all-reduce's
+# backward passes it through, an all-gather's backward keeps this rank's slice, and the input
+# of a split layer (enter_parallel) sums the ranks' partial gradients.
+
+
+class _DistAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group):
+        record_collective("all_reduce", tensor.shape, tensor.dtype)
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _DistEnterParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        record_collective("all_reduce", grad.shape, grad.dtype)
+        out = grad.clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+class _DistAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, dim: int, sizes: tuple[int, ...], rank: int, group):
+        ctx.dim, ctx.offset, ctx.size = dim, sum(sizes[:rank]), sizes[rank]
+        shape = list(tensor.shape)
+        shape[dim] = sum(sizes)
+        record_collective("all_gather", shape, tensor.dtype)
+        widest = max(sizes)
+        padded = tensor
+        if tensor.shape[dim] < widest:  # torch.distributed gathers equal sizes: pad, then cut
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = widest - tensor.shape[dim]
+            padded = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
+        pieces = [torch.empty_like(padded.contiguous()) for _ in sizes]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.narrow(ctx.dim, ctx.offset, ctx.size).contiguous(), None, None, None, None
+
+
+class DistributedCommunicator(Communicator):
+    """This process's rank of a ``torch.distributed`` process group (gloo on CPU, NCCL on GPUs).
+
+    Example::
+
+        >>> import torch.distributed as dist
+        >>> from tensor_parallel.comm import DistributedCommunicator
+        >>> DistributedCommunicator  # used by tensor_parallel() when torch.distributed is initialised
+        <class 'tensor_parallel.comm.DistributedCommunicator'>
+    """
+
+    def __init__(self, group=None) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _DistAllReduce.apply(tensor, self.group)
+
+    def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int] = ()) -> torch.Tensor:
+        dim = dim % tensor.dim()
+        if not sizes:
+            raise ValueError("all_gather over torch.distributed needs every rank's size along dim")
+        return _DistAllGather.apply(tensor, dim, tuple(sizes), self.rank, self.group)
+
+    def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.requires_grad:
+            return tensor
+        return _DistEnterParallel.apply(tensor, self.group)
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A plain (not differentiable) sum over the group, in place; for gradient hooks."""
+        record_collective("all_reduce", tensor.shape, tensor.dtype)
+        dist.all_reduce(tensor, group=self.group)
+        return tensor

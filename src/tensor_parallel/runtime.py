@@ -9,18 +9,21 @@ autocast settings are carried into every worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
 import queue
 import threading
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .comm import CollectiveError, ThreadGroup
+from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
 from .plan import plan_for, resolve_plan
 from .split import build_shards, gather_tensor
 from .styles import Style
@@ -206,6 +209,72 @@ def _stop_all(workers: Sequence[_Worker]) -> None:
             worker.thread.join(timeout=10.0)
 
 
+class _LocalRunner:
+    """A torch.distributed rank: this process runs its one shard itself."""
+
+    def run(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        return [fn() for fn in fns]
+
+
+@dataclasses.dataclass
+class _Placement:
+    mode: str
+    world_size: int
+    ranks: list[int]
+    devices: list[torch.device]
+    comms: list[Any]
+    runner: Any
+
+
+def _placement(device_ids, process_group, timeout: float) -> _Placement:
+    """Threads over ``device_ids`` in this process, or this process's rank of a job."""
+    if process_group is None and device_ids is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    if process_group is None:
+        devices = parse_devices(device_ids)
+        group = ThreadGroup(devices, timeout=timeout)
+        return _Placement("threads", len(devices), list(range(len(devices))), devices,
+                          [group.communicator(r) for r in range(len(devices))], ShardRunner(group))
+    if device_ids is not None:
+        raise ValueError("pass either device_ids (one process, one thread per device) or a process "
+                         "group (one process per rank, under torchrun), not both")
+    comm = DistributedCommunicator(_group_of(process_group))
+    return _Placement("torch.distributed", comm.world_size, [comm.rank], [_local_device(comm.group)], [comm],
+                      _LocalRunner())
+
+
+def _sum_replicated_slice_gradients(shard: nn.Module, layout: Mapping[str, Any], comm) -> None:
+    """Ranks that hold the same slice of a tensor (a replicated KV head) each get part of its
+    gradient; a hook sums the parts over those ranks before each accumulation, so gradient
+    accumulation over several backward passes stays exact."""
+    for key, param in shard.named_parameters():
+        spec = layout.get(key)
+        if spec is None or not param.requires_grad or not spec.overlaps():
+            continue
+
+        def hook(grad: torch.Tensor, spec=spec) -> torch.Tensor:
+            shape = list(grad.shape)
+            shape[spec.dim % grad.dim()] = spec.size
+            full = spec.place(grad.new_zeros(shape), grad, comm.rank)
+            return spec.take(comm.sum_over_ranks(full), comm.rank).contiguous()
+
+        param.register_hook(hook)
+
+
+def _group_of(process_group):
+    """A process group, or the group of a 1-D DeviceMesh (or of a named mesh dimension)."""
+    if hasattr(process_group, "get_group"):
+        return process_group.get_group()
+    return process_group
+
+
+def _local_device(group) -> torch.device:
+    """This rank's device: LOCAL_RANK's GPU with NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -254,30 +323,31 @@ class TensorParallel(nn.Module):
 
     def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
                  plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, process_group: Any = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
-        devices = parse_devices(device_ids)
-        world_size = len(devices)
+        placement = _placement(device_ids, process_group, timeout)
+        world_size = placement.world_size
         if plan is None:
             plan = plan_for(module, world_size)
         self.plan = resolve_plan(module, plan, world_size)
-        self.devices = devices
-        self.output_device = devices[0] if output_device is None else \
+        self.devices, self.shard_ranks, self.world_size = placement.devices, placement.ranks, world_size
+        self.output_device = self.devices[0] if output_device is None else \
             _check_available(_parse_device(output_device), output_device)
-        group = ThreadGroup(devices, timeout=timeout)
-        comms = [group.communicator(rank) for rank in range(world_size)]
-        shards, self.layout = build_shards(module, self.plan, devices, comms)
+        shards, self.layout = build_shards(module, self.plan, placement.devices, placement.comms,
+                                           world_size=world_size, ranks=placement.ranks)
         self.module_shards = nn.ModuleList(shards)
-        self._runner = ShardRunner(group)
-        logger.info("split %s over %d devices: %d layers split, the rest replicated",
-                    type(module).__name__, world_size, len(self.plan))
+        self._runner = placement.runner
+        if placement.mode == "torch.distributed":
+            _sum_replicated_slice_gradients(shards[0], self.layout, placement.comms[0])
+        logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
+                    type(module).__name__, world_size, placement.mode, len(self.plan))
 
     @property
-    def world_size(self) -> int:
-        """Number of shards (devices)."""
-        return len(self.devices)
+    def distributed(self) -> bool:
+        """True in a torch.distributed job: this process holds one rank's shard."""
+        return isinstance(self._runner, _LocalRunner)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
@@ -298,7 +368,7 @@ class TensorParallel(nn.Module):
             [torch.Size([1, 4]), torch.Size([1, 4])]
         """
         calls = []
-        for rank, (shard, device) in enumerate(zip(self.module_shards, self.devices)):
+        for rank, shard, device in zip(self.shard_ranks, self.module_shards, self.devices):
             rank_args, rank_kwargs = _to_device((args, kwargs), device, rank)
             calls.append(functools.partial(fn, shard, *rank_args, **rank_kwargs))
         return self._runner.run(calls)
@@ -349,7 +419,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
         >>> model(torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    allowed = {"timeout"}
+    allowed = {"timeout", "process_group"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "

@@ -65,6 +65,19 @@ class Shard:
             return tensor.narrow(dim, 0, 0)
         return torch.cat(pieces, dim)
 
+    def overlaps(self) -> bool:
+        """True when some position is held by more than one rank (a replicated head)."""
+        held = [p for ranges in self.ranges for a, b in ranges for p in range(a, b)]
+        return len(held) != len(set(held))
+
+    def place(self, full: torch.Tensor, piece: torch.Tensor, rank: int) -> torch.Tensor:
+        """Write rank ``rank``'s slice ``piece`` into ``full`` at its positions; return ``full``."""
+        dim, offset = self.dim % full.dim(), 0
+        for start, stop in self.ranges[rank]:
+            full.narrow(dim, start, stop - start).copy_(piece.narrow(dim, offset, stop - start))
+            offset += stop - start
+        return full
+
     def is_partition(self) -> bool:
         """True when the slices, in rank order, tile the tensor exactly once."""
         flat = [r for ranges in self.ranges for r in ranges if r[1] > r[0]]
@@ -214,13 +227,17 @@ def _describe(shard: Shard | None) -> str:
 
 
 def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequence[torch.device],
-                 communicators: Sequence["Communicator"]) -> tuple[list[nn.Module], dict[str, Shard | None]]:
-    """One shard of ``module`` per device, cut as ``plan`` says, plus the layout of each state key.
+                 communicators: Sequence["Communicator"], *, world_size: int | None = None,
+                 ranks: Sequence[int] | None = None) -> tuple[list[nn.Module], dict[str, Shard | None]]:
+    """The shards of ``module`` for ``ranks`` (default: all, one per device), cut as ``plan``
+    says over ``world_size`` ranks, plus the layout of each state key.
 
     ``plan`` maps exact module paths to styles (see :func:`tensor_parallel.plan.resolve_plan`).
-    The shards share no tensor with ``module``; ``module`` is left unchanged.
+    The shards share no tensor with ``module``; ``module`` is left unchanged. A process of a
+    ``torch.distributed`` job builds only its own rank.
     """
-    world_size = len(devices)
+    world_size = world_size or len(devices)
+    ranks = list(range(world_size)) if ranks is None else list(ranks)
     originals = _all_tensors(module)
     memo = {id(t): _placeholder(t) for t in originals.values()}
     origin = {id(memo[key]): t for key, t in originals.items()}
@@ -228,7 +245,7 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
     tensor_specs = _by_owner(specs)
     materializer = _Materializer(origin)
     shards = []
-    for rank, (device, comm) in enumerate(zip(devices, communicators)):
+    for rank, device, comm in zip(ranks, devices, communicators):
         skeleton = copy.deepcopy(module, memo=dict(memo))
         for path, sub in skeleton.named_modules(remove_duplicate=False):
             local = tensor_specs.get(path, {})

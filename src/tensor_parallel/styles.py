@@ -219,6 +219,7 @@ class ColwiseParallel(Style):
     def convert(self, module, *, rank, comm, specs):
         kind = linear_kind(module)
         module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, self.gather_output
+        module.tp_sizes = tuple(specs["weight"].local_size(r) for r in range(comm.world_size))
         if kind.out_attr:
             setattr(module, kind.out_attr, specs["weight"].local_size(rank))
         _convert_class(module, _ColumnParallel)
@@ -232,7 +233,7 @@ class _ColumnParallel:
         else:
             y = super().forward(x, *args, **kwargs)
         if self.tp_gather:
-            y = self.tp_comm.all_gather(y, self.tp_kind.feature_dim)
+            y = self.tp_comm.all_gather(y, self.tp_kind.feature_dim, self.tp_sizes)
         return y
 
 
@@ -282,6 +283,7 @@ class _RowParallel:
         if args or kwargs:
             raise TypeError(f"{type(self).__name__} takes one input tensor, got extra arguments")
         if x.shape[kind.feature_dim] == shard.size and shard.local_size(self.tp_rank) != shard.size:
+            x = self.tp_comm.enter_parallel(x)  # a replicated input: its gradient is summed
             x = Shard(kind.feature_dim, shard.size, shard.ranges).take(x, self.tp_rank)
         y = self.tp_comm.all_reduce(_apply_local(kind, self, x))
         if self.bias is not None:
@@ -567,6 +569,10 @@ class ExpertsParallel(Style):
 
 class _ExpertsParallel:
     def forward(self, *args, **kwargs):
+        # every float input (hidden states, routing weights) meets this rank's slice of the
+        # experts: their gradients are partial sums
+        enter = self.tp_comm.enter_parallel
+        args = tuple(enter(a) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
         return self.tp_comm.all_reduce(super().forward(*args, **kwargs))
 
 
@@ -620,6 +626,7 @@ class EmbeddingParallel(Style):
     def convert(self, module, *, rank, comm, specs):
         shard = specs["weight"]
         module.tp_comm = comm
+        module.tp_sizes = tuple(shard.local_size(r) for r in range(comm.world_size))
         if self.dim == 1:
             module.embedding_dim = shard.local_size(rank)
             _convert_class(module, _DimParallelEmbedding)
@@ -646,7 +653,7 @@ class _VocabParallelEmbedding:
 
 class _DimParallelEmbedding:
     def forward(self, *args, **kwargs):
-        return self.tp_comm.all_gather(super().forward(*args, **kwargs), -1)
+        return self.tp_comm.all_gather(super().forward(*args, **kwargs), -1, self.tp_sizes)
 
 
 # --------------------------------------------------------------------------------------------

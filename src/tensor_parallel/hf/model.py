@@ -144,7 +144,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
                             f"{type(module).__name__}; use tp.tensor_parallel() for other modules")
         super().__init__(copy.deepcopy(module.config))
-        world_size = len(device_ids) if device_ids is not None else max(torch.cuda.device_count(), 1)
+        world_size = _world_size(device_ids, options.get("process_group"))
         if plan is None:
             plan = plan_for_pretrained(module, world_size)
         self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
@@ -192,6 +192,8 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         return self.wrapped_model.devices
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.wrapped_model.distributed:  # one rank per process: its own cache, as it is
+            return self.wrapped_model(*args, **kwargs)
         name = next((n for n in _CACHE_NAMES if n in kwargs), None)
         given = kwargs.get(name) if name else None
         if given is not None and not isinstance(given, ShardedCache):
@@ -245,6 +247,17 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights come from the wrapped model; never re-initialise them."""
+
+
+def _world_size(device_ids: Sequence[DeviceLike] | None, process_group: Any) -> int:
+    import torch.distributed as dist
+
+    group = process_group.get_group() if hasattr(process_group, "get_group") else process_group
+    if group is None and device_ids is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is not None:
+        return dist.get_world_size(group)
+    return len(device_ids) if device_ids is not None else max(torch.cuda.device_count(), 1)
 
 
 def _call(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,112 @@
+"""What each rank runs in the multi-process tests (module level, so forked ranks find it)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import tensor_parallel as tp
+from helpers import assert_close
+
+
+def _mlp():
+    torch.manual_seed(0)  # every rank builds the same model
+    return nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16), nn.LayerNorm(16), nn.Linear(16, 37))
+
+
+def _check_grads(model, reference, rank) -> None:
+    grads = {k: p.grad for k, p in reference.named_parameters()}
+    for key, param in model.module_shards[0].named_parameters():
+        spec = model.layout[key]
+        want = grads[key] if spec is None else spec.take(grads[key], rank)
+        assert_close(param.grad, want, f"rank {rank} gradient of {key}")
+
+
+def mlp(rank: int, world_size: int):
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module)
+    assert model.distributed and model.world_size == world_size and len(model.module_shards) == 1
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    with tp.count_collectives() as stats:
+        out = model(x)
+    calls = dict(stats.calls)
+    assert_close(out, reference(x), f"rank {rank} output")
+    loss, expected = out.pow(2).mean(), reference(x).pow(2).mean()
+    loss.backward()
+    expected.backward()
+    _check_grads(model, reference, rank)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert_close(model(x), reference(x), f"rank {rank} output after one step")
+    return calls
+
+
+def llama(rank: int, world_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    model = tp.tensor_parallel(copy.deepcopy(reference))
+    assert isinstance(model, tp.TensorParallelPreTrainedModel)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, f"rank {rank} logits")
+    tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, reference.generate(ids[:1], max_new_tokens=6, do_sample=False))
+    out, expected = model(ids, labels=ids), reference(ids, labels=ids)
+    assert_close(out.loss, expected.loss, "loss")
+    out.loss.backward()
+    expected.loss.backward()
+    _check_grads(model.wrapped_model, reference, rank)
+    return tokens.tolist()
+
+
+def load(rank: int, world_size: int, path: str):
+    import transformers
+
+    model = tp.from_pretrained(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, f"rank {rank} logits of the loaded model")
+    local = sum(p.numel() for p in model.parameters())
+    return local, sum(p.numel() for p in reference.parameters())
+
+
+def data_and_tensor_parallel(rank: int, world_size: int):
+    """4 ranks as 2 (data) x 2 (tensor): each data replica is a TP group of 2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, process_group=mesh["tp"])
+    replica = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+    torch.manual_seed(1)
+    batches = torch.randn(2, 4, 16)
+    dp_rank = mesh["dp"].get_local_rank()
+    replica(batches[dp_rank]).pow(2).mean().backward()  # DDP averages the gradients over dp
+    (reference(batches[0]).pow(2).mean() + reference(batches[1]).pow(2).mean()).div(2).backward()
+    _check_grads(model, reference, mesh["tp"].get_local_rank())
+    return dp_rank
+
+
+def one_rank_fails(rank: int, world_size: int):
+    model = tp.tensor_parallel(_mlp())
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    start = time.monotonic()
+    try:
+        model(torch.randn(2, 16))
+    except Exception as error:
+        return f"{type(error).__name__} after {time.monotonic() - start:.1f} s"
+    raise AssertionError("rank 0 finished a forward without rank 1")
