@@ -98,3 +98,21 @@ def test_a_killed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     loaded = tp.from_pretrained(target, ["cpu", "cpu"])
     with torch.no_grad():
         assert_close(loaded(IDS).logits, model(IDS).logits, "the previous checkpoint")
+
+
+def test_cli_plan_prints_the_plan_and_its_collectives(tmp_path):
+    out = _cli("plan", "gpt2", "--devices", 3)
+    assert out.returncode == 0, out.stderr
+    assert "AttentionParallel" in out.stdout and "collectives per forward over 3 devices" in out.stdout
+    # gpt2's default config: 12 layers, 2 all-reduces each; a tied vocab-split embedding and head
+    assert "all_reduce x25" in out.stdout and "all_gather x1" in out.stdout
+    out = _cli("plan", "no-such-model-type")
+    assert out.returncode == 1 and "tensor-parallel plan:" in out.stderr
+
+
+def test_plan_for_a_transformers_model_is_its_built_in_plan():
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=6))
+    plan = tp.plan_for(model, 2)
+    assert isinstance(plan["transformer.h.*.attn"], tp.AttentionParallel)
+    assert tp.expected_collectives(model, plan, 2) == {"all_reduce": 5, "all_gather": 1}

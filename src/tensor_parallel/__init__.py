@@ -11,7 +11,7 @@ Example::
 
 from .checkpoint import infer_sharded_device_map, save_tensor_parallel
 from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
-from .plan import Plan, format_plan, plan_for, resolve_plan
+from .plan import Plan, expected_collectives, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
 from .split import Shard, split_sizes
 from .styles import (AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
@@ -26,6 +26,7 @@ __all__ = [
     "plan_for",
     "resolve_plan",
     "format_plan",
+    "expected_collectives",
     "Style",
     "ColwiseParallel",
     "AttentionParallel",

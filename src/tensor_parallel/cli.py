@@ -35,8 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--max-shard-size", default="5GB", help="largest file to write (default 5GB)")
         sub.add_argument("--bin", action="store_true", help="write pickled .bin files, not safetensors")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plan = commands.add_parser("plan", help="print the plan for a transformers model, and its collectives")
+    plan.add_argument("model", help="a checkpoint or config folder, or a model type such as llama")
+    plan.add_argument("--devices", type=int, default=2, help="number of devices (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "plan":
+        return _print_plan(args.model, args.devices)
     if args.command == "demo":
         from .demo import run_demo
         report = run_demo(args.devices)
@@ -44,6 +49,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(report + "\n")
         return 0
     return _convert(args)
+
+
+def _print_plan(model: str, devices: int) -> int:
+    import os
+
+    import transformers
+    from accelerate import init_empty_weights
+
+    from .plan import expected_collectives, format_plan, plan_for
+
+    try:
+        config = (transformers.AutoConfig.from_pretrained(model) if os.path.isdir(model)
+                  else transformers.AutoConfig.for_model(model))
+    except (ValueError, OSError) as error:
+        sys.stderr.write(f"tensor-parallel plan: {error}\n")
+        return 1
+    with init_empty_weights():
+        module = transformers.AutoModelForCausalLM.from_config(config)
+    plan = plan_for(module, devices)
+    counts = expected_collectives(module, plan, devices)
+    sys.stdout.write(format_plan(plan) + "\n")
+    sys.stdout.write(f"collectives per forward over {devices} devices: "
+                     + (", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items())) or "none") + "\n")
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 from .styles import (ColwiseParallel, EmbeddingParallel, Replicate, RowwiseParallel, Style,
                      linear_kind)
 
-__all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches"]
+__all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches", "expected_collectives"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,10 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         >>> tp.plan_for(mlp)
         {'0': ColwiseParallel(), '2': RowwiseParallel()}
     """
+    if _is_transformers_model(module):
+        from .hf.plans import plan_for_pretrained  # built-in, translated or generic
+
+        return plan_for_pretrained(module, world_size or 2)
     candidates = {path: sub for path, sub in module.named_modules() if _splittable(sub)}
     graph = _trace(module)
     direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
@@ -158,6 +162,29 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         else:
             plan[path] = ColwiseParallel(gather_output=True)
     return plan
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
+
+
+def expected_collectives(module: nn.Module, plan: Mapping[str, Style], world_size: int) -> dict[str, int]:
+    """Collectives one forward of ``module`` split by ``plan`` makes, by kind, counting each
+    split module once (a module called twice per forward costs twice that).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> expected_collectives(mlp, tp.plan_for(mlp), 2)
+        {'all_reduce': 1}
+    """
+    counts: dict[str, int] = {}
+    for style in resolve_plan(module, plan, world_size).values():
+        for kind in style.collectives:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _splittable(module: nn.Module) -> bool:
