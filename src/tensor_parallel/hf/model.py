@@ -150,8 +150,21 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
                                             **options)
         self._adopt_generation_hooks(module)
+        self._adopt_signature(module)
         if tied_embeddings(module):
             self._tie_shards()
+
+    def _adopt_signature(self, module: PreTrainedModel) -> None:
+        """``forward`` shows the wrapped model's signature: Trainer keeps only the dataset
+        columns it names, generate() checks the keyword arguments against it."""
+        implementation = self._forward
+
+        @functools.wraps(type(module).forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return implementation(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(module.forward)  # type: ignore[attr-defined]
+        object.__setattr__(self, "forward", forward)
 
     def _tie_shards(self) -> None:
         """Make each shard's LM head share its embedding slice, as the config says (a model
@@ -168,6 +181,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if getattr(module, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(module.generation_config)
         self.main_input_name = module.main_input_name
+        self.loss_type = getattr(module, "loss_type", None)  # Trainer counts shifted labels by it
         for name in ("prepare_inputs_for_generation", "_validate_model_kwargs", "can_generate",
                      "_supports_default_dynamic_cache", "_is_stateful", "_reorder_cache",
                      "_supports_logits_to_keep", "_prepare_encoder_decoder_kwargs_for_generation"):
@@ -192,6 +206,9 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         return self.wrapped_model.devices
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.wrapped_model.distributed:  # one rank per process: its own cache, as it is
             return self.wrapped_model(*args, **kwargs)
         name = next((n for n in _CACHE_NAMES if n in kwargs), None)
