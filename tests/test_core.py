@@ -377,3 +377,23 @@ def test_a_probe_forward_finds_weights_read_outside_their_layer(n):
     plan = tp.plan_for(module, n, example_inputs=(x,))
     assert "a" not in plan and plan["b"] == tp.ColwiseParallel(gather_output=True)
     check_equivalence(module, (x,), n, plan=plan)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_torch_composite_modules_are_left_whole_and_correct(n):
+    module = _seeded(lambda: nn.Sequential(
+        nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, batch_first=True),
+        nn.Linear(16, 5)))
+    x = torch.randn(2, 5, 8)
+    plan = tp.plan_for(module)
+    assert not [p for p in plan if p.startswith("1.")]  # MultiheadAttention reads out_proj.weight itself
+    module.eval()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, cpu_devices(n))
+    with torch.no_grad():
+        assert_close(model(x), reference(x), "encoder layer output")
+
+
+def test_multihead_attention_alone():
+    module = _seeded(lambda: nn.MultiheadAttention(16, 4, batch_first=True))
+    assert tp.plan_for(module) == {}  # out_proj is read directly by the functional forward

@@ -145,11 +145,15 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         from .hf.plans import plan_for_pretrained  # built-in, translated or generic
 
         return plan_for_pretrained(module, world_size or 2)
-    candidates = {path: sub for path, sub in module.named_modules() if _splittable(sub)}
+    candidates = {path: sub for path, sub in module.named_modules()
+                  if _splittable(sub) and not _inside_builtin(module, path)}
     graph = _trace(module)
     direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
     for path in _tied_modules(module) | direct:
         candidates.pop(path, None)
+    if graph is not None:  # a layer the traced forward never calls is used some other way
+        called = {node.target for node in graph.nodes if node.op == "call_module"}
+        candidates = {path: sub for path, sub in candidates.items() if path in called}
     roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
     plan: Plan = {}
     for path, sub in candidates.items():
@@ -162,6 +166,22 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         else:
             plan[path] = ColwiseParallel(gather_output=True)
     return plan
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _inside_builtin(root: nn.Module, path: str) -> bool:
+    """A layer inside one of torch's own composite modules (MultiheadAttention reads its
+    out_proj's weight directly; TransformerEncoderLayer has a fused fast path)."""
+    if not path:
+        return False
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        parent = root.get_submodule(".".join(parts[:depth]))
+        if type(parent).__module__.startswith("torch.nn") and not isinstance(parent, _CONTAINERS):
+            return True
+    return False
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
