@@ -158,3 +158,15 @@ def test_shipped_tp_plans_are_translated_with_ties_and_heads_kept():
             assert_close(split(ids).logits, model(ids).logits, f"olmo2 over {n}")
         shard = split.module_shards[0]
         assert shard.lm_head.weight is shard.model.embed_tokens.weight
+
+
+def test_static_cache_and_left_padded_batches():
+    model = build("llama")
+    split = _split(model, 3)
+    ids = _ids(batch=1, length=4)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static"), expected)
+    padded = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(split.generate(padded, **options), model.generate(padded, **options))

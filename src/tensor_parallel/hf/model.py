@@ -225,7 +225,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if cache.get_seq_length() != 0:
             raise ValueError("this KV cache already holds tokens computed outside the split model; pass "
                              "the cache the split model returned (outputs.past_key_values), or a new one")
-        return ShardedCache([copy.deepcopy(cache) for _ in self.wrapped_model.module_shards])
+        return ShardedCache([_fresh_copy(cache) for _ in self.wrapped_model.module_shards])
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True, progress: bool | None = None, **kwargs: Any) -> None:
@@ -264,6 +264,17 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights come from the wrapped model; never re-initialise them."""
+
+
+def _fresh_copy(cache: Cache) -> Cache:
+    """A private copy of an empty cache; streams and events (an offloaded cache's) are shared,
+    not copied: they cannot be."""
+    memo: dict[int, Any] = {}
+    for holder in [cache, *getattr(cache, "layers", [])]:
+        for value in vars(holder).values():
+            if isinstance(value, (torch.Stream, torch.Event)) or type(value).__name__ in ("Stream", "Event"):
+                memo[id(value)] = value
+    return copy.deepcopy(cache, memo)
 
 
 def _world_size(device_ids: Sequence[DeviceLike] | None, process_group: Any) -> int:
