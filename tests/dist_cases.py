@@ -110,3 +110,23 @@ def one_rank_fails(rank: int, world_size: int):
     except Exception as error:
         return f"{type(error).__name__} after {time.monotonic() - start:.1f} s"
     raise AssertionError("rank 0 finished a forward without rank 1")
+
+
+def llama_gradient_checkpointing(rank: int, world_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2)
+    reference = transformers.LlamaForCausalLM(config)
+    model = tp.tensor_parallel(copy.deepcopy(reference))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    reference.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    out, expected = model(ids, labels=ids), reference(ids, labels=ids)
+    assert_close(out.loss, expected.loss, "loss with gradient checkpointing")
+    out.loss.backward()
+    expected.loss.backward()
+    _check_grads(model.wrapped_model, reference, rank)
+    return float(out.loss)

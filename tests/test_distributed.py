@@ -41,3 +41,19 @@ def test_a_failing_rank_does_not_hang_the_others():
     results = run_ranks(dist_cases.one_rank_fails, 2, timeout=90, pg_timeout=20)
     assert results[1][0] == "error" and "on purpose" in results[1][1]
     assert results[0][0] == "ok", results[0]  # rank 0 got an error instead of waiting forever
+
+
+def test_gradient_checkpointing_under_torch_distributed():
+    losses = assert_all_ok(run_ranks(dist_cases.llama_gradient_checkpointing, 2))
+    assert losses[0] == losses[1]
+
+
+def test_gradient_checkpointing_in_one_process_is_refused_clearly():
+    import tensor_parallel as tp
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                      num_attention_heads=6, num_key_value_heads=2)
+    model = tp.tensor_parallel(transformers.LlamaForCausalLM(config), ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="one process per rank: launch with torchrun"):
+        model.gradient_checkpointing_enable()

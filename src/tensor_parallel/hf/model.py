@@ -249,6 +249,28 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
 
+    @property
+    def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.module_shards[0], "supports_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in backward, on every shard (one process per rank only).
+
+        In one process the recomputation of every rank would run in the single backward thread,
+        and its collectives would wait for ranks that recompute later: under torchrun each rank
+        recomputes in its own process and the collectives meet.
+        """
+        if not self.wrapped_model.distributed:
+            raise ValueError("gradient checkpointing needs one process per rank: launch with torchrun "
+                             "and split with tp.tensor_parallel(model) after init_process_group(); in one "
+                             "process the recomputed collectives of all ranks would share one thread")
+        for shard in self.module_shards:
+            shard.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for shard in self.module_shards:
+            shard.gradient_checkpointing_disable()
+
     def get_encoder(self, *args: Any, **kwargs: Any) -> nn.Module:
         """The encoder of every shard, run together (encoder-decoder models)."""
         return _ParallelEncoder(self.wrapped_model)
