@@ -116,3 +116,17 @@ def test_plan_for_a_transformers_model_is_its_built_in_plan():
     plan = tp.plan_for(model, 2)
     assert isinstance(plan["transformer.h.*.attn"], tp.AttentionParallel)
     assert tp.expected_collectives(model, plan, 2) == {"all_reduce": 5, "all_gather": 1}
+
+
+def test_save_tensor_parallel_on_a_transformers_model(tmp_path):
+    reference = _gpt2(tmp_path)
+    split = tp.tensor_parallel(reference, ["cpu", "cpu", "cpu"])
+    with tp.save_tensor_parallel(split):
+        state = split.state_dict()
+        split.save_pretrained(tmp_path / "whole")
+    assert state.keys() == reference.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()
+    with torch.no_grad():
+        assert_close(plain(IDS).logits, reference(IDS).logits, "saved whole inside save_tensor_parallel")
+    assert "wrapped_model.module_shards.0.lm_head.weight" in split.state_dict()

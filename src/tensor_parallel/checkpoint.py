@@ -202,7 +202,8 @@ def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
 @contextlib.contextmanager
 def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block, ``model.state_dict()`` returns the unsharded state with the original
-    module's keys (the name and behaviour of the original library's context manager).
+    module's keys, and ``save_pretrained`` of a split transformers model writes an ordinary
+    checkpoint (the name and behaviour of the original library's context manager).
 
     Example::
 
@@ -214,19 +215,19 @@ def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
         >>> sorted(state) == sorted(mlp.state_dict())
         True
     """
-    targets = [m for m in model.modules() if hasattr(m, "unsharded_state_dict")]
-    if not targets:
+    from .runtime import TensorParallel
+
+    split = [m for m in model.modules() if isinstance(m, TensorParallel)]
+    if len(split) != 1:
         raise TypeError(f"save_tensor_parallel expects a model made by tensor_parallel(), got "
-                        f"{type(model).__name__} with no split module inside")
-    if len(targets) == 1 and targets[0] is model:
-        model.state_dict = model.unsharded_state_dict  # type: ignore[method-assign]
-        try:
-            yield model
-        finally:
-            del model.state_dict
-        return
-    raise NotImplementedError("save_tensor_parallel on a module that contains a split model "
-                              "is not supported yet; call it on the split model itself")
+                        f"{type(model).__name__} with {len(split)} split modules inside")
+    model.state_dict = split[0].unsharded_state_dict  # type: ignore[method-assign]
+    model._tp_save_unsharded = True  # save_pretrained of a split transformers model saves it whole
+    try:
+        yield model
+    finally:
+        del model.state_dict
+        del model._tp_save_unsharded
 
 
 # --------------------------------------------------------------------------------------------

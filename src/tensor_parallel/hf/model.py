@@ -238,6 +238,12 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         scripts written for it run unchanged; the weight files are safetensors unless
         ``safe_serialization=False``.
         """
+        if getattr(self, "_tp_save_unsharded", False):  # inside tp.save_tensor_parallel(model)
+            from .convert import save_unsharded
+
+            save_unsharded(self, save_directory, max_shard_size=max_shard_size,
+                           safe_serialization=safe_serialization, progress=progress)
+            return
         if kwargs:
             logger.info("save_pretrained: ignoring %s (the split state is saved as it is)", sorted(kwargs))
         state = self.state_dict()
