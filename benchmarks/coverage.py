@@ -289,13 +289,21 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits.float()
 
 
+def _generic_plan(model: torch.nn.Module, world_size: int) -> dict:
+    """The generic default planner alone (built-in and shipped plans switched off), with the
+    same two-token probe forward the library uses for transformers models."""
+    from tensor_parallel.hf.plans import _probe_inputs
+
+    return tensor_parallel.plan_for(model, world_size, example_inputs=_probe_inputs(model), builtin=False)
+
+
 def check_split(model: torch.nn.Module, ids: torch.Tensor, expected: torch.Tensor, n: int,
                 plans: str) -> dict[str, Any]:
     """Split a copy of ``model`` over ``n`` CPU devices, run ``ids``, compare the logits."""
     result: dict[str, Any] = {"ok": False, "max_diff": None, "collectives": {}, "split_layers": None,
                               "error": None}
     try:
-        plan = tensor_parallel.plan_for(model) if plans == "generic" else None
+        plan = _generic_plan(model, n) if plans == "generic" else None
         split = tensor_parallel.tensor_parallel(copy.deepcopy(model), ["cpu"] * n, plan=plan,
                                                 timeout=COLLECTIVE_TIMEOUT_S)
         styles = split.plan.values()
@@ -581,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--plans", choices=("auto", "generic"), default="auto",
                         help="auto: the library's choice (built-in, tp_plan, generic); generic: "
-                             "tensor_parallel.plan_for(model) for every model")
+                             "tensor_parallel.plan_for(model, builtin=False) for every model")
     parser.add_argument("--types", default=None, help="comma-separated model types (default: all)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="Markdown report path (the JSON goes next to it)")

@@ -170,3 +170,18 @@ def test_static_cache_and_left_padded_batches():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(split.generate(padded, **options), model.generate(padded, **options))
+
+
+def test_a_type_without_any_plan_uses_the_generic_planner():
+    import transformers
+
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=48, encoder_layers=1, decoder_layers=2,
+                                     encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=80,
+                                     decoder_ffn_dim=80, max_position_embeddings=64)
+    assert not getattr(config, "base_model_tp_plan", None)
+    torch.manual_seed(0)
+    model = transformers.BartForCausalLM(config).eval()
+    assert tp.plan_for(model, 2)  # the generic planner splits something
+    for n in (2, 3):
+        with torch.no_grad():
+            assert_close(_split(model, n)(_ids()).logits, model(_ids()).logits, f"bart over {n}")

@@ -125,7 +125,7 @@ def format_plan(plan: Mapping[str, Style]) -> str:
 
 
 def plan_for(module: nn.Module, world_size: int | None = None, *,
-             example_inputs: Mapping[str, Any] | tuple | None = None) -> Plan:
+             example_inputs: Mapping[str, Any] | tuple | None = None, builtin: bool = True) -> Plan:
     """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
 
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
@@ -133,6 +133,7 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     is split by output features and gathered right after. Layers that share a weight, or
     whose weights the forward reads directly, are replicated. When fx cannot trace the module,
     ``example_inputs`` (positional tuple or keyword dict) lets one real forward find those reads.
+    A transformers model gets its built-in or shipped plan unless ``builtin=False``.
 
     Example::
 
@@ -141,7 +142,7 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         >>> tp.plan_for(mlp)
         {'0': ColwiseParallel(), '2': RowwiseParallel()}
     """
-    if _is_transformers_model(module):
+    if builtin and _is_transformers_model(module):
         from .hf.plans import plan_for_pretrained  # built-in, translated or generic
 
         return plan_for_pretrained(module, world_size or 2)

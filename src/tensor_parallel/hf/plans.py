@@ -491,7 +491,7 @@ def plan_for_pretrained(module: nn.Module, world_size: int) -> Plan:
             logger.info("%s: no built-in plan; translated the tp_plan its config ships", model_type)
             return plan
     logger.info("%s: no built-in or usable shipped plan; using the generic default plan", model_type)
-    return plan_for(module, world_size, example_inputs=_probe_inputs(module))
+    return plan_for(module, world_size, example_inputs=_probe_inputs(module), builtin=False)
 
 
 def _probe_inputs(module: nn.Module) -> dict | None:
