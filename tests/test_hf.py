@@ -175,7 +175,7 @@ def test_static_cache_and_left_padded_batches():
 def test_a_type_without_any_plan_uses_the_generic_planner():
     import transformers
 
-    config = transformers.BartConfig(vocab_size=VOCAB, d_model=48, encoder_layers=1, decoder_layers=2,
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=48, encoder_layers=2, decoder_layers=2,
                                      encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=80,
                                      decoder_ffn_dim=80, max_position_embeddings=64)
     assert not getattr(config, "base_model_tp_plan", None)

@@ -500,7 +500,9 @@ def _probe_inputs(module: nn.Module) -> dict | None:
     if name != "input_ids":
         return None
     device = next((p.device for p in module.parameters()), None)
-    inputs = {"input_ids": torch.tensor([[1, 2]], device=device)}
+    inputs: dict = {"input_ids": torch.tensor([[1, 2]], device=device)}
+    if hasattr(module.config, "use_cache"):
+        inputs["use_cache"] = False  # a probe needs no cache (and some caches are sized oddly)
     if getattr(module.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.tensor([[1]], device=device)
     return inputs
