@@ -6,7 +6,6 @@ import copy
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import tensor_parallel as tp

@@ -6,7 +6,6 @@ Tiny models from configs stand in for facebook/opt-13b; a local folder stands in
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 

@@ -273,8 +273,7 @@ class ThreadGroup:
             self._arrived += 1
             if self._arrived == self.world_size:
                 return self._complete(rank, run)
-            done = self._cond.wait_for(
-                lambda: self._generation != generation or self._error is not None, self.timeout)
+            self._cond.wait_for(lambda: self._generation != generation or self._error is not None, self.timeout)
             if self._generation != generation:
                 return self._results[rank]
             if self._error is None:

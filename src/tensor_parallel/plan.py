@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import operator
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .styles import (ColwiseParallel, EmbeddingParallel, Replicate, RowwiseParallel, Style,
+from .styles import (ColwiseParallel, EmbeddingParallel, RowwiseParallel, Style,
                      linear_kind)
 
 __all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches", "expected_collectives"]

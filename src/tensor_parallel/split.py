@@ -11,10 +11,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .comm import Communicator
+    from .styles import Style
 
 __all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for"]
 

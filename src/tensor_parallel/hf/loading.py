@@ -11,7 +11,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 
-from ..checkpoint import CheckpointError, FileSource, SplitSource, load_shards
+from ..checkpoint import FileSource, SplitSource, load_shards
 from ..plan import resolve_plan
 from ..runtime import DeviceLike
 from ..split import layout_for

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..plan import Plan, path_matches, plan_for
 from ..styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, ExpertsParallel,
-                      LinearKind, Replicate, RowwiseParallel, Style, register_linear_kind)
+                      LinearKind, RowwiseParallel, Style, register_linear_kind)
 
 __all__ = ["BUILTIN_PLANS", "plan_for_pretrained", "translate_tp_plan"]
 
