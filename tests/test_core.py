@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensor_parallel as tp
-from helpers import assert_close, check_equivalence, cpu_devices
+from helpers import assert_close, assert_gradients_match, check_equivalence, cpu_devices
 
 DEVICE_COUNTS = [2, 3, 4]
 
@@ -397,3 +397,24 @@ def test_torch_composite_modules_are_left_whole_and_correct(n):
 def test_multihead_attention_alone():
     module = _seeded(lambda: nn.MultiheadAttention(16, 4, batch_first=True))
     assert tp.plan_for(module) == {}  # out_proj is read directly by the functional forward
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_replicated_parameters_on_distinct_devices_get_exact_gradients(n):
+    # "cpu:0", "cpu:1"... are distinct devices to the library (as two GPUs would be) while
+    # running on the CPU: replicated tensors then live once, on the first device, and the
+    # other ranks copy them in forward, so their gradients add up in the one master
+    module = _seeded(lambda: nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 6)))
+    reference = copy.deepcopy(module)
+    devices = [f"cpu:{i}" for i in range(n)]
+    model = tp.tensor_parallel(module, devices)
+    assert model.module_shards[1][1].weight is model.module_shards[0][1].weight
+    x = torch.randn(4, 6)
+    assert_close(model(x), reference(x), "output")
+    model(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert_gradients_match(model, reference)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        assert_close(model(x), reference(x), "output after a step (cached copies refreshed)")

@@ -185,3 +185,14 @@ def test_a_type_without_any_plan_uses_the_generic_planner():
     for n in (2, 3):
         with torch.no_grad():
             assert_close(_split(model, n)(_ids()).logits, model(_ids()).logits, f"bart over {n}")
+
+
+def test_replicated_kv_heads_on_distinct_devices_get_exact_gradients():
+    model = build("llama", attn="eager")
+    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu:0", "cpu:1", "cpu:2"])  # 2 KV heads, 3 devices
+    ids = _ids()
+    expected, actual = model(ids, labels=ids), split(ids, labels=ids)
+    assert_close(actual.loss, expected.loss, "loss")
+    expected.loss.backward()
+    actual.loss.backward()
+    assert_gradients_match(split.wrapped_model, model)

@@ -200,22 +200,31 @@ class _Materializer:
     def __init__(self, origin: Mapping[int, torch.Tensor]) -> None:
         self.origin = origin
         self.cache: dict[tuple, torch.Tensor] = {}
+        self.masters: dict[tuple, nn.Parameter] = {}
         self.spec_of: dict[int, tuple[Shard | None, str]] = {}
 
     def make(self, placeholder: torch.Tensor, shard: Shard | None, where: str,
-             rank: int, device: torch.device) -> torch.Tensor:
+             rank: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """The tensor rank ``rank`` holds, and whether it lives on another device (a master
+        copy that the rank must copy to its device in each forward)."""
         original = self.origin[id(placeholder)]
         self._check_tie(original, shard, where)
         is_param = isinstance(placeholder, nn.Parameter)
-        # a parameter slice that several ranks on one device hold (a replicated tensor, a
-        # replicated KV head) is one Parameter, so their gradients add up as in the original
+        # a parameter slice that several ranks hold (a replicated tensor, a replicated KV head)
+        # is one Parameter, so their gradients add up as in the original; ranks on another
+        # device use a copy of it made in forward, through which autograd sums just the same
         piece = None if shard is None else (shard.dim, shard.ranges[rank])
+        if is_param and (id(original), piece) in self.masters:
+            master, home = self.masters[(id(original), piece)]
+            return master, home != device
         key = (id(original), piece, device, None if is_param else rank)
         if key not in self.cache:
             data = original if shard is None else shard.take(original, rank)
             data = _compact_copy(data, device)
             self.cache[key] = nn.Parameter(data, original.requires_grad) if is_param else data
-        return self.cache[key]
+            if is_param:
+                self.masters[(id(original), piece)] = (self.cache[key], device)
+        return self.cache[key], False
 
     def _check_tie(self, original: torch.Tensor, shard: Shard | None, where: str) -> None:
         seen = self.spec_of.setdefault(id(original), (shard, where))
@@ -251,18 +260,50 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
     shards = []
     for rank, device, comm in zip(ranks, devices, communicators):
         skeleton = copy.deepcopy(module, memo=dict(memo))
+        remote: dict[nn.Module, list[str]] = {}
         for path, sub in skeleton.named_modules(remove_duplicate=False):
             local = tensor_specs.get(path, {})
             for table in (sub._parameters, sub._buffers):
                 for name, tensor in table.items():
                     if tensor is not None and id(tensor) in origin:
                         where = f"{path}.{name}" if path else name
-                        table[name] = materializer.make(tensor, local.get(name), where, rank, device)
+                        table[name], elsewhere = materializer.make(tensor, local.get(name), where, rank, device)
+                        if elsewhere:
+                            remote.setdefault(sub, []).append(name)
         for path, style in plan.items():
             style.convert(skeleton.get_submodule(path), rank=rank, comm=comm, specs=specs[path])
+        for sub, names in remote.items():
+            _copy_in_forward(sub, names, device)
         shards.append(skeleton)
     _warn_unshared_replicas(materializer)
     return shards, _layout(module, tensor_specs)
+
+
+def _copy_in_forward(module: nn.Module, names: Sequence[str], device: torch.device) -> None:
+    """``module`` holds master parameters that live on another device: during its forward it
+    uses copies on ``device`` (made differentiably, so gradients reach the master; cached
+    while the master is unchanged when no gradient is needed), and the masters otherwise."""
+    stash: dict[str, nn.Parameter] = {}
+    cached: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+    def local_copy(name: str, master: nn.Parameter) -> torch.Tensor:
+        if torch.is_grad_enabled() and master.requires_grad:
+            return master.to(device)
+        mark = (id(master), master._version)
+        if name not in cached or cached[name][:2] != mark:
+            cached[name] = (*mark, master.detach().to(device))
+        return cached[name][2]
+
+    def swap_in(mod: nn.Module, args) -> None:
+        for name in names:  # the master now held (a load may have replaced the object)
+            stash[name] = mod._parameters[name]
+            mod._parameters[name] = local_copy(name, stash[name])  # a plain tensor, for this call
+
+    def swap_out(mod: nn.Module, args, output) -> None:
+        mod._parameters.update(stash)
+
+    module.register_forward_pre_hook(swap_in)
+    module.register_forward_hook(swap_out, always_call=True)
 
 
 def _warn_unshared_replicas(materializer: "_Materializer") -> None:
