@@ -38,7 +38,14 @@ __all__ = [
 
 
 class CollectiveError(RuntimeError):
-    """A collective could not complete: another rank failed, or the wait timed out."""
+    """A collective could not complete: another rank failed, or the wait timed out.
+
+    Example::
+
+        >>> import tensor_parallel as tp
+        >>> issubclass(tp.CollectiveError, RuntimeError)
+        True
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,6 +62,14 @@ class CollectiveStats:
     it (for ``all_reduce`` and ``all_gather``) or before it (``reduce_scatter``), summed over
     calls. A backward pass inside the block is counted too: the backward of an all-reduce is
     an ``all_reduce``, the backward of an all-gather a ``reduce_scatter``.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> with tp.count_collectives() as stats:
+        ...     pass
+        >>> stats.total_calls, stats.total_bytes
+        (0, 0)
     """
 
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -129,7 +144,16 @@ def record_collective(kind: str, shape: Sequence[int], dtype: torch.dtype) -> No
 
 
 class Communicator(abc.ABC):
-    """One rank's handle on its group. Split layers call only these methods."""
+    """One rank's handle on its group. Split layers call only these methods.
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.comm import ThreadGroup
+        >>> comm = ThreadGroup(["cpu"]).communicator(0)   # one rank: collectives are identities
+        >>> comm.all_gather(torch.ones(2), dim=0, sizes=[2])
+        tensor([1., 1.])
+    """
 
     rank: int
     world_size: int

@@ -353,7 +353,15 @@ class TensorParallel(nn.Module):
         return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
 
     def forward_output(self, output: Any) -> Any:
-        """``output`` (rank 0's result) moved to :attr:`output_device`."""
+        """``output`` (rank 0's result) moved to :attr:`output_device`.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["cpu", "cpu"])
+            >>> model.forward_output({"y": torch.ones(1)})["y"].device
+            device(type='cpu')
+        """
         return _to_device(output, self.output_device)
 
     def run_shards(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:

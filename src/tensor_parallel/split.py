@@ -49,7 +49,15 @@ def split_sizes(total: int, world_size: int, unit: int = 1) -> list[int]:
 
 @dataclass(frozen=True)
 class Shard:
-    """How one tensor is cut: rank ``r`` keeps ``ranges[r]`` (concatenated) along ``dim``."""
+    """How one tensor is cut: rank ``r`` keeps ``ranges[r]`` (concatenated) along ``dim``.
+
+    Example::
+
+        >>> import torch
+        >>> shard = Shard(dim=0, size=5, ranges=(((0, 3),), ((3, 5),)))
+        >>> shard.take(torch.arange(5), 1), shard.local_size(0)
+        (tensor([3, 4]), 3)
+    """
 
     dim: int
     size: int

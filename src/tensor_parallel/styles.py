@@ -51,6 +51,14 @@ class LinearKind:
     ``out_dim``/``in_dim`` are the weight's output and input dimensions, ``feature_dim`` the
     dimension of activations that holds features, ``out_attr``/``in_attr`` the size attributes
     to update, and ``apply(module, x, weight)`` computes the layer without its bias.
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.styles import linear_kind
+        >>> kind = linear_kind(torch.nn.Conv2d(3, 8, 3))
+        >>> kind.out_dim, kind.feature_dim, kind.out_attr
+        (0, 1, 'out_channels')
     """
 
     out_dim: int
@@ -116,7 +124,15 @@ def linear_kind(module: nn.Module) -> LinearKind | None:
 
 
 class Style(abc.ABC):
-    """How one layer is split. Subclasses are frozen dataclasses: plain, printable data."""
+    """How one layer is split. Subclasses are frozen dataclasses: plain, printable data.
+
+    Example::
+
+        >>> import tensor_parallel as tp
+        >>> style = tp.RowwiseParallel()
+        >>> isinstance(style, tp.Style), style.collectives, style == tp.RowwiseParallel()
+        (True, ('all_reduce',), True)
+    """
 
     #: collectives one call of the converted layer runs, by kind (for plan printing)
     collectives: tuple[str, ...] = ()

@@ -119,7 +119,19 @@ def merge_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, max_shar
 def save_unsharded(model: TensorParallelPreTrainedModel, directory: str | os.PathLike, *,
                    max_shard_size: int | str = "5GB", safe_serialization: bool = True,
                    progress: bool | None = None) -> None:
-    """Save a split model as an ordinary checkpoint, gathering one tensor at a time."""
+    """Save a split model as an ordinary checkpoint, gathering one tensor at a time (also
+    ``model.save_unsharded(directory)``).
+
+    Example::
+
+        >>> import tempfile, transformers, tensor_parallel as tp
+        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+        >>> model = tp.tensor_parallel(transformers.GPT2LMHeadModel(config), ["cpu", "cpu"])
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_unsharded(folder)
+        >>> transformers.GPT2LMHeadModel.from_pretrained(folder).lm_head.out_features
+        64
+    """
     extra = {"config.json": model.config.to_json_string()}
     if getattr(model, "generation_config", None) is not None:
         extra["generation_config.json"] = model.generation_config.to_json_string()

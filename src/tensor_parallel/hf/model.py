@@ -32,6 +32,14 @@ class ShardedCache(Cache, RankLocal):
 
     ``generate`` sees this object: queries go to rank 0's cache (all ranks hold the same
     positions), and changes (beam reordering, cropping, batch selection) go to every rank.
+
+    Example::
+
+        >>> from transformers import DynamicCache
+        >>> from tensor_parallel.hf import ShardedCache
+        >>> cache = ShardedCache([DynamicCache(), DynamicCache()])
+        >>> cache.get_seq_length(), cache.for_rank(1) is cache.caches[1]
+        (0, True)
     """
 
     _broadcast = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
@@ -237,6 +245,16 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         The index keeps the original library's name, ``pytorch_model.bin.index.json``, so
         scripts written for it run unchanged; the weight files are safetensors unless
         ``safe_serialization=False``.
+
+        Example::
+
+            >>> import os, tempfile, transformers, tensor_parallel as tp
+            >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+            >>> model = tp.tensor_parallel(transformers.GPT2LMHeadModel(config), ["cpu", "cpu"])
+            >>> folder = tempfile.mkdtemp()
+            >>> model.save_pretrained(folder, max_shard_size="20KB")
+            >>> "pytorch_model.bin.index.json" in os.listdir(folder)
+            True
         """
         if getattr(self, "_tp_save_unsharded", False):  # inside tp.save_tensor_parallel(model)
             from .convert import save_unsharded
