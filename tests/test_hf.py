@@ -97,10 +97,10 @@ def test_sampling_with_a_seed():
     assert torch.equal(actual, expected)
 
 
-# falcon_new runs at 2 devices only: at 3, its 2 KV heads are replicated inside the fused
-# query_key_value weight, whose copies do not share gradients yet (see README, known gaps)
-@pytest.mark.parametrize("name, n", [(name, n) for name in ("llama", "gemma2", "gpt2", "mixtral", "bert", "t5")
-                                     for n in (2, 3)] + [("falcon_new", 2)])
+# falcon (multi-query: one KV head) and falcon_new at 3 devices replicate KV heads inside the
+# fused query_key_value weight: the ranks' overlapping slices must add up their gradients
+@pytest.mark.parametrize("name, n", [(name, n) for name in ("llama", "gemma2", "gpt2", "mixtral", "bert", "t5",
+                                                            "falcon", "falcon_new", "phi3") for n in (2, 3)])
 def test_loss_and_gradients(name, n):
     model = build(name, attn="eager")  # eval mode: dropout would make any two runs differ
     split = _split(model, n)

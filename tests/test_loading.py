@@ -180,3 +180,19 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
 def test_not_a_folder(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         tp.from_pretrained(tmp_path / "nope", ["cpu", "cpu"])
+
+
+def test_gradients_after_loading_a_fused_qkv_with_replicated_kv_heads(tmp_path):
+    from helpers import assert_gradients_match
+
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2, pad_token_id=0)
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    reference.save_pretrained(tmp_path / "phi3")
+    split = tp.from_pretrained(tmp_path / "phi3", ["cpu"] * 3)  # 2 KV heads over 3 ranks, inside qkv_proj
+    expected, actual = reference(IDS, labels=IDS), split(IDS, labels=IDS)
+    assert_close(actual.loss, expected.loss, "loss")
+    expected.loss.backward()
+    actual.loss.backward()
+    assert_gradients_match(split.wrapped_model, reference)

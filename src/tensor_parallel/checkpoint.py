@@ -554,6 +554,7 @@ def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | 
         raise
     finally:
         source.close()
+    model.install_gradient_sums()  # the hooks belong to the new Parameter objects
 
 
 def _nbytes(info: TensorInfo) -> int:

@@ -243,24 +243,6 @@ def _placement(device_ids, process_group, timeout: float) -> _Placement:
                       _LocalRunner())
 
 
-def _sum_replicated_slice_gradients(shard: nn.Module, layout: Mapping[str, Any], comm) -> None:
-    """Ranks that hold the same slice of a tensor (a replicated KV head) each get part of its
-    gradient; a hook sums the parts over those ranks before each accumulation, so gradient
-    accumulation over several backward passes stays exact."""
-    for key, param in shard.named_parameters():
-        spec = layout.get(key)
-        if spec is None or not param.requires_grad or not spec.overlaps():
-            continue
-
-        def hook(grad: torch.Tensor, spec=spec) -> torch.Tensor:
-            shape = list(grad.shape)
-            shape[spec.dim % grad.dim()] = spec.size
-            full = spec.place(grad.new_zeros(shape), grad, comm.rank)
-            return spec.take(comm.sum_over_ranks(full), comm.rank).contiguous()
-
-        param.register_hook(hook)
-
-
 def _group_of(process_group):
     """A process group, or the group of a 1-D DeviceMesh (or of a named mesh dimension)."""
     if hasattr(process_group, "get_group"):
@@ -339,8 +321,8 @@ class TensorParallel(nn.Module):
                                            world_size=world_size, ranks=placement.ranks)
         self.module_shards = nn.ModuleList(shards)
         self._runner = placement.runner
-        if placement.mode == "torch.distributed":
-            _sum_replicated_slice_gradients(shards[0], self.layout, placement.comms[0])
+        self._comms = placement.comms
+        self.install_gradient_sums()
         logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
                     type(module).__name__, world_size, placement.mode, len(self.plan))
 
@@ -351,6 +333,16 @@ class TensorParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
+
+    def install_gradient_sums(self) -> None:
+        """Make ranks that hold overlapping slices of a tensor (a KV head replicated inside a
+        fused q|k|v weight) add up their gradients, as the unsharded model's one tensor would.
+        Called after building and after loading (a load puts new Parameter objects in place).
+        """
+        from .grads import sum_overlapping_gradients
+
+        sum_overlapping_gradients(self.module_shards, self.shard_ranks, self.layout, self._comms,
+                                  distributed=self.distributed)
 
     def forward_output(self, output: Any) -> Any:
         """``output`` (rank 0's result) moved to :attr:`output_device`.

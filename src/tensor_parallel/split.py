@@ -283,7 +283,6 @@ def build_shards(module: nn.Module, plan: Mapping[str, "Style"], devices: Sequen
         for sub, names in remote.items():
             _copy_in_forward(sub, names, device)
         shards.append(skeleton)
-    _warn_unshared_replicas(materializer)
     return shards, _layout(module, tensor_specs)
 
 
@@ -312,23 +311,6 @@ def _copy_in_forward(module: nn.Module, names: Sequence[str], device: torch.devi
 
     module.register_forward_pre_hook(swap_in)
     module.register_forward_hook(swap_out, always_call=True)
-
-
-def _warn_unshared_replicas(materializer: "_Materializer") -> None:
-    """Slices that overlap (a replicated KV head) but are separate Parameters get separate
-    gradients: inference is exact, training would step those rows from partial gradients."""
-    parameters: dict[int, list[tuple]] = {}
-    for key, tensor in materializer.cache.items():
-        if isinstance(tensor, nn.Parameter) and tensor.requires_grad and key[1] is not None:
-            parameters.setdefault(key[0], []).append(key)
-    for keys in parameters.values():
-        spans = [set(range(a, b)) for _, (_, ranges), _, _ in keys for a, b in ranges]
-        covered = sum(len(s) for s in spans)
-        if covered > len(set().union(*spans)):
-            where = materializer.spec_of[keys[0][0]][1]
-            logger.warning("%s: ranks hold overlapping slices (replicated heads) in separate parameters; "
-                           "forward and generation are exact, but their gradients are not summed across "
-                           "ranks yet, so do not train this model split this way", where)
 
 
 def layout_for(module: nn.Module, plan: Mapping[str, "Style"], world_size: int) -> dict[str, Shard | None]:
