@@ -30,6 +30,7 @@ def mlp(rank: int, world_size: int):
     reference = copy.deepcopy(module)
     model = tp.tensor_parallel(module)
     assert model.distributed and model.world_size == world_size and len(model.module_shards) == 1
+    assert tp.tensor_parallel(_mlp(), ["cpu"]).distributed  # this rank's one device: the same mode
     torch.manual_seed(1)
     x = torch.randn(4, 16)
     with tp.count_collectives() as stats:

@@ -227,8 +227,14 @@ class _Placement:
 
 
 def _placement(device_ids, process_group, timeout: float) -> _Placement:
-    """Threads over ``device_ids`` in this process, or this process's rank of a job."""
-    if process_group is None and device_ids is None and dist.is_available() and dist.is_initialized():
+    """Threads over ``device_ids`` in this process, or this process's rank of a job (when
+    torch.distributed is initialised and ``device_ids`` is None, or names this rank's one device)."""
+    joined = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    own_device = None
+    if process_group is None and joined and device_ids is not None and len(device_ids) == 1:
+        own_device = _check_available(_parse_device(device_ids[0]), device_ids[0])  # this rank's device
+        device_ids = None
+    if process_group is None and device_ids is None and joined:
         process_group = dist.group.WORLD
     if process_group is None:
         devices = parse_devices(device_ids)
@@ -239,8 +245,8 @@ def _placement(device_ids, process_group, timeout: float) -> _Placement:
         raise ValueError("pass either device_ids (one process, one thread per device) or a process "
                          "group (one process per rank, under torchrun), not both")
     comm = DistributedCommunicator(_group_of(process_group))
-    return _Placement("torch.distributed", comm.world_size, [comm.rank], [_local_device(comm.group)], [comm],
-                      _LocalRunner())
+    device = own_device or _local_device(comm.group)
+    return _Placement("torch.distributed", comm.world_size, [comm.rank], [device], [comm], _LocalRunner())
 
 
 def _group_of(process_group):
