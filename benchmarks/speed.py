@@ -22,17 +22,16 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 import torch
 import transformers
 
 import tensor_parallel as tp
+from benchmarks.multiprocess import measure
 
 logger = logging.getLogger("benchmarks.speed")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -74,27 +73,6 @@ def communication() -> list[dict]:
         rows.append({"model": name, "calls": dict(stats.calls), "layer_activations": layer_bytes / (layers * activation),
                      "all_activations": stats.total_bytes / (layers * activation)})
     return rows
-
-
-def measure(model, repeats: int = 5) -> dict:
-    """Forward latency (128 tokens) and greedy decode (32 new tokens), medians in seconds."""
-    torch.manual_seed(0)
-    prompt = torch.randint(3, 32000, (1, 128))
-    short = prompt[:, :8]
-    with torch.no_grad():
-        model(prompt)
-        forwards = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(prompt)
-            forwards.append(time.perf_counter() - start)
-        model.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        decodes = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model.generate(short, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-            decodes.append(time.perf_counter() - start)
-    return {"forward_128": statistics.median(forwards), "decode_32": statistics.median(decodes)}
 
 
 _PEER = textwrap.dedent("""
