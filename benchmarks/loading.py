@@ -24,9 +24,10 @@ import sys
 import tempfile
 import textwrap
 
+from benchmarks.common import write_report
+
 logger = logging.getLogger("benchmarks.loading")
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 _RUN = textwrap.dedent("""
     import json, os, sys, time
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("measuring %s ...", way)
             results[way] = _measure(hf, split, way)
     report = _report(results, largest, "python -m benchmarks.loading")
-    out = args.out or os.path.join(RESULTS, f"loading-{datetime.date.today()}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as handle:
-        handle.write(report)
-    sys.stdout.write(report)
+    write_report("loading", report, args.out)
     return 0
 
 

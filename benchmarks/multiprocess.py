@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
+from benchmarks.common import write_report
+
 logger = logging.getLogger("benchmarks.multiprocess")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def measure(model, repeats: int = 5) -> dict:
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as error:
                 logger.error("%s", error)
     report = _report(results, "python -m benchmarks.multiprocess")
-    out = args.out or os.path.join(RESULTS, f"multiprocess-{datetime.date.today()}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as handle:
-        handle.write(report)
-    sys.stdout.write(report)
+    write_report("multiprocess", report, args.out)
     return 0
 
 

@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import textwrap
 
@@ -31,10 +30,10 @@ import torch
 import transformers
 
 import tensor_parallel as tp
+from benchmarks.common import write_report
 from benchmarks.multiprocess import measure
 
 logger = logging.getLogger("benchmarks.speed")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 _SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8)
 ARCHITECTURES = {
@@ -168,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = speed(args.peer_venv)
     command = "python -m benchmarks.speed" + (f" --peer-venv {args.peer_venv}" if args.peer_venv else "")
     text = report(comm, timings, command)
-    out = args.out or os.path.join(RESULTS, f"speed-{datetime.date.today()}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as handle:
-        handle.write(text)
-    sys.stdout.write(text)
+    write_report("speed", text, args.out)
     return 0
 
 
