@@ -167,3 +167,43 @@ def sharded(rank: int, world_size: int, path: str):
     _check_grads(split.wrapped_model, reference, rank)
     pieces = {key: split.module_shards[0].get_parameter(key).numel() for key in split.wrapped_model.sharded_keys}
     return dict(stats.calls), pieces
+
+
+def lora(rank: int, world_size: int, path: str):
+    """LoRA under torch.distributed, both orders: peft first (adapter gradients equal the unsharded
+    peft model's), and peft on the split model (its adapters, saved unsharded, load into peft)."""
+    import peft
+    import transformers
+
+    def grads_match(model, reference):
+        split = model.base_model.model.wrapped_model
+        want = {k: p.grad for k, p in reference.base_model.model.named_parameters() if p.requires_grad}
+        for key, param in split.module_shards[0].named_parameters():
+            if param.requires_grad:
+                spec = split.layout[key]
+                assert_close(param.grad, want[key] if spec is None else spec.take(want[key], rank),
+                             f"rank {rank} gradient of {key}")
+
+    config = dict(r=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path), peft.LoraConfig(**config))
+    model = tp.tensor_parallel(reference)
+    got, want = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} logits, peft first")
+    got.loss.backward()
+    want.loss.backward()
+    grads_match(model, reference)
+
+    torch.manual_seed(rank)  # peft initialises each rank's adapters differently: rank 0's are taken
+    model = peft.get_peft_model(tp.from_pretrained(path), peft.LoraConfig(**config))
+    with tp.save_tensor_parallel(model):
+        model.save_pretrained(f"{path}-adapter-{rank}")
+    reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                               f"{path}-adapter-{rank}", is_trainable=True)
+    got, want = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} logits, peft on the split model")
+    got.loss.backward()
+    want.loss.backward()
+    grads_match(model, reference)
+    return got.loss.item()

@@ -203,7 +203,9 @@ def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
 def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block, ``model.state_dict()`` returns the unsharded state with the original
     module's keys, and ``save_pretrained`` of a split transformers model writes an ordinary
-    checkpoint (the name and behaviour of the original library's context manager).
+    checkpoint (the name and behaviour of the original library's context manager). ``model``
+    may also hold the split model, e.g. a peft model around it: ``save_pretrained`` of the peft
+    model then writes ordinary adapter weights.
 
     Example::
 
@@ -218,16 +220,16 @@ def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
     from .runtime import TensorParallel
 
     split = [m for m in model.modules() if isinstance(m, TensorParallel)]
-    if len(split) != 1:
+    if not split:
         raise TypeError(f"save_tensor_parallel expects a model made by tensor_parallel(), got "
-                        f"{type(model).__name__} with {len(split)} split modules inside")
-    model.state_dict = split[0].unsharded_state_dict  # type: ignore[method-assign]
-    model._tp_save_unsharded = True  # save_pretrained of a split transformers model saves it whole
+                        f"{type(model).__name__} with no split module inside")
+    for module in split:  # save_pretrained of a split transformers model reads it too
+        module._unsharded_view = True
     try:
         yield model
     finally:
-        del model.state_dict
-        del model._tp_save_unsharded
+        for module in split:
+            module._unsharded_view = False
 
 
 # --------------------------------------------------------------------------------------------

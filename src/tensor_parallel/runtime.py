@@ -8,12 +8,14 @@ autocast settings are carried into every worker.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import weakref
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -25,7 +27,8 @@ from torch.utils import _pytree as pytree
 
 from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
 from .plan import plan_for, resolve_plan
-from .split import build_shards, gather_tensor
+from .adapters import SplitLayers
+from .split import Shard, build_shards, gather_tensor
 from .styles import Style
 
 __all__ = ["TensorParallel", "tensor_parallel", "parse_devices", "RankLocal"]
@@ -336,6 +339,9 @@ class TensorParallel(nn.Module):
         self._runner = placement.runner
         self._comms = placement.comms
         self.sharded_keys: set[str] = set()
+        self.split_layers = SplitLayers(shards)
+        self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
+        self.register_load_state_dict_pre_hook(_cut_full_tensors)
         self.install_gradient_sums()
         if sharded:
             from .sharding import shard_replicated
@@ -385,6 +391,7 @@ class TensorParallel(nn.Module):
             >>> [out.shape for out in model.run_shards(lambda shard, x: shard(x), torch.ones(1, 2))]
             [torch.Size([1, 4]), torch.Size([1, 4])]
         """
+        self.adopt_adapters()
         calls = []
         for rank, shard, device in zip(self.shard_ranks, self.module_shards, self.devices):
             rank_args, rank_kwargs = _to_device((args, kwargs), device, rank)
@@ -402,12 +409,86 @@ class TensorParallel(nn.Module):
             >>> all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
             True
         """
+        self.adopt_adapters()
         states = [shard.state_dict() for shard in self.module_shards]
-        return {key: gather_tensor(shard, [s[key] for s in states], device)
+        return {key: gather_tensor(shard, self._pieces(shard, [s[key] for s in states]), device)
                 for key, shard in self.layout.items()}
+
+    def _pieces(self, shard: Shard | None, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's slice of one tensor: all here in one process, all-gathered from the
+        other processes under torch.distributed (every rank must ask for the same keys)."""
+        if shard is None or not self.distributed:
+            return local
+        sizes = [shard.local_size(r) for r in range(self.world_size)]
+        dim = shard.dim % local[0].dim()
+        return list(self._comms[0].all_gather(local[0].detach(), dim, sizes).split(sizes, dim))
+
+    def adopt_adapters(self) -> None:
+        """Take over adapter layers (peft's LoRA) added to the shards since the last call; see
+        :func:`tensor_parallel.adapters.adopt_adapters`. Called before every run, save and load."""
+        if hasattr(self, "split_layers"):
+            from .adapters import adopt_adapters
+
+            adopt_adapters(self)
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        self.adopt_adapters()
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The split state (keys ``module_shards.<rank>.<key>``), or inside
+        :func:`~tensor_parallel.save_tensor_parallel` the original module's (full tensors)."""
+        self.adopt_adapters()
+        if not self._unsharded_view:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        destination = collections.OrderedDict() if destination is None else destination
+        for key, tensor in self.unsharded_state_dict().items():
+            destination[prefix + key] = tensor
+        return destination
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
+        original module's names (rank 0's shard stands for it), so that savers that pick
+        entries of ``state_dict()`` by module (peft's adapter saving) find them."""
+        if not self._unsharded_view:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
+            return
+        memo = set() if memo is None else memo
+        if self not in memo:
+            memo.add(self)
+            yield prefix, self
+        yield from self.original_modules(memo, prefix, remove_duplicate)
+
+    def original_modules(self, memo: set, prefix: str, remove_duplicate: bool = True):
+        """The original module's submodules by their original names (rank 0's copies)."""
+        root = self.module_shards[0]
+        for name, module in root.named_modules(memo, prefix, remove_duplicate):
+            if module is not root:
+                yield name, module
 
     def extra_repr(self) -> str:
         return f"devices={[str(d) for d in self.devices]}"
+
+
+def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a split model (or of a model holding one as
+    ``wrapped_model``): tensors under the original keys are cut into each rank's slice, so an
+    ordinary state (adapter weights, say) loads into the split model."""
+    split = getattr(module, "wrapped_model", module)
+    if not isinstance(split, TensorParallel):
+        return
+    split.adopt_adapters()
+    if "peft" in sys.modules:  # peft writes adapter checkpoints without the adapter's name
+        from .hf.peft import rename_adapter_keys
+
+        rename_adapter_keys(split.layout, state_dict, prefix)
+    inner = prefix + ("wrapped_model." if split is not module else "")
+    for key, shard in split.layout.items():
+        full = state_dict.pop(prefix + key, None)
+        if full is None:
+            continue
+        for index, rank in enumerate(split.shard_ranks):
+            state_dict[f"{inner}module_shards.{index}.{key}"] = full if shard is None else shard.take(full, rank)
 
 
 def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -417,6 +498,12 @@ def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def _is_hf_pretrained(module: nn.Module) -> bool:
     """A transformers PreTrainedModel, recognised without importing transformers."""
     return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
+
+
+def _is_peft_model(module: nn.Module) -> bool:
+    """A peft PeftModel, recognised without importing peft."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft")
                for cls in type(module).__mro__)
 
 
@@ -430,7 +517,8 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     means every visible GPU. ``plan`` maps module-path patterns to styles; without one,
     :func:`~tensor_parallel.plan.plan_for` derives one. ``sharded=True`` stores the parameters
     the plan replicates once, cut over the devices (ZeRO-3), for ``sharded_param_names`` only
-    when given.
+    when given. A peft model (LoRA) comes back as a peft model around the split model, each
+    adapter cut like its layer (see :mod:`tensor_parallel.hf.peft`).
 
     Example::
 
@@ -445,6 +533,10 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
                         f"device_ids, plan, output_device and {sorted(allowed)}")
+    if _is_peft_model(module):  # split the model inside, adapters included; a peft model comes back
+        from .hf.peft import split_peft_model
+        return split_peft_model(module, device_ids, plan=plan, output_device=output_device, sharded=sharded,
+                                sharded_param_names=sharded_param_names, **options)
     if _is_hf_pretrained(module):
         from .hf import TensorParallelPreTrainedModel
         return TensorParallelPreTrainedModel(module, device_ids, output_device=output_device, plan=plan,

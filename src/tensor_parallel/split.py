@@ -322,6 +322,15 @@ class _RemoteCopies:
         self.stash.clear()
 
 
+def refresh_copies(module: nn.Module) -> None:
+    """Drop the copies ``module``'s forward keeps of masters on another device (their values
+    changed without a version bump, e.g. through ``.data``); the next forward copies anew."""
+    for hook in module._forward_pre_hooks.values():
+        copies = getattr(hook, "__self__", None)
+        if isinstance(copies, _RemoteCopies):
+            copies.cached.clear()
+
+
 def stop_copying(module: nn.Module, name: str) -> None:
     """``module``'s parameter ``name`` now lives on this rank's device: its forward no longer
     copies it from another device (no-op if it never did)."""

@@ -36,6 +36,8 @@ __all__ = [
     "Replicate",
     "LinearKind",
     "register_linear_kind",
+    "AdapterKind",
+    "register_adapter_kind",
 ]
 
 
@@ -108,14 +110,136 @@ def linear_kind(module: nn.Module) -> LinearKind | None:
 
     A subclass that overrides ``forward`` is not plain: its forward may depend on the sizes.
     """
-    for cls in type(module).__mro__:
+    own = type(module).__bases__[-1] if isinstance(module, _Parallel) else type(module)  # split: its class
+    for cls in own.__mro__:
         if cls in _LINEAR_KINDS:
-            if type(module).forward is not cls.forward:
+            if own.forward is not cls.forward:
                 return None
             if getattr(module, "groups", 1) != 1:
                 return None
             return _LINEAR_KINDS[cls]
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter layers: a linear-like base layer plus low-rank branches (LoRA)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """How a layer that adds low-rank branches to a linear-like base layer is built:
+    ``y = base(x) + sum(up(down(x)))``. ``base`` is the base layer's child path,
+    ``branches(module)`` lists each branch's (down, up) child paths (linear-like layers), and
+    ``check(module, path)`` raises for variants whose branches cannot be split that way.
+
+    The column and row styles cut a registered layer consistently: column split, each ``up``
+    by output features like the base (``down`` replicated); row split, each ``down`` by input
+    features like the base, all-reduced, then ``up`` replicated.
+
+    Example::
+
+        >>> from tensor_parallel.styles import adapter_kind
+        >>> from peft.tuners.lora import Linear   # registered when peft's layers are met
+        >>> import torch, peft
+        >>> layer = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+        ...                             peft.LoraConfig(target_modules=["0"], r=2)).base_model.model[0]
+        >>> kind = adapter_kind(layer)
+        >>> kind.base, kind.branches(layer)
+        ('base_layer', [('lora_A.default', 'lora_B.default')])
+    """
+
+    base: str
+    branches: Callable[[nn.Module], list[tuple[str, str]]]
+    check: Callable[[nn.Module, str], None] = lambda module, path: None
+
+
+_ADAPTER_KINDS: dict[type, AdapterKind] = {}
+
+
+def register_adapter_kind(cls: type[nn.Module], kind: AdapterKind) -> None:
+    """Teach the column and row styles a layer type that wraps a linear-like layer with
+    low-rank branches (peft's LoRA ``Linear`` is registered already).
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.styles import AdapterKind, register_adapter_kind
+        >>> class Adapted(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.base, self.down, self.up = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 8)
+        ...     def forward(self, x):
+        ...         return self.base(x) + self.up(self.down(x))
+        >>> register_adapter_kind(Adapted, AdapterKind("base", lambda m: [("down", "up")]))
+    """
+    _ADAPTER_KINDS[cls] = kind
+
+
+def adapter_kind(module: nn.Module) -> AdapterKind | None:
+    """The :class:`AdapterKind` of ``module``, or None if it is no registered adapter layer."""
+    own = type(module).__bases__[-1] if isinstance(module, _Parallel) else type(module)  # split: its class
+    if own.__module__.startswith("peft."):
+        import importlib
+
+        importlib.import_module("tensor_parallel.hf.peft")  # registers peft's layers (peft is loaded)
+    for cls in own.__mro__:
+        if cls in _ADAPTER_KINDS:
+            return _ADAPTER_KINDS[cls]
+    return None
+
+
+def linear_view(module: nn.Module) -> tuple[nn.Module, LinearKind | None, AdapterKind | None]:
+    """The linear-like layer that holds ``module``'s weight (its base layer for an adapter
+    layer), that layer's kind, and the adapter kind (None for a plain layer).
+
+    Example::
+
+        >>> import torch
+        >>> base, kind, adapter = linear_view(torch.nn.Linear(2, 3))
+        >>> kind.out_dim, adapter
+        (0, None)
+    """
+    adapter = adapter_kind(module)
+    base = module.get_submodule(adapter.base) if adapter else module
+    return base, linear_kind(base), adapter
+
+
+def _branches(module: nn.Module, adapter: AdapterKind | None) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    if adapter is None:
+        return []
+    return [(module.get_submodule(down), down, module.get_submodule(up), up) for down, up in adapter.branches(module)]
+
+
+def column_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
+    """Every tensor of ``module`` that a column split cuts by output features, positions
+    ``ranges`` of ``size``: the weight and bias, and the ``up`` layers of its adapters."""
+    base, kind, adapter = linear_view(module)
+    prefix = f"{adapter.base}." if adapter else ""
+    specs = {f"{prefix}weight": Shard(kind.out_dim, size, ranges)}
+    if base.bias is not None:
+        specs[f"{prefix}bias"] = Shard(0, size, ranges)
+    for _, _, up, up_path in _branches(module, adapter):
+        specs[f"{up_path}.weight"] = Shard(linear_kind(up).out_dim, size, ranges)
+        if up.bias is not None:
+            specs[f"{up_path}.bias"] = Shard(0, size, ranges)
+    return specs
+
+
+def row_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
+    """Every tensor of ``module`` that a row split cuts by input features, positions
+    ``ranges`` of ``size``: the weight, and the ``down`` layers of its adapters."""
+    _, kind, adapter = linear_view(module)
+    prefix = f"{adapter.base}." if adapter else ""
+    specs = {f"{prefix}weight": Shard(kind.in_dim, size, ranges)}
+    for down, down_path, _, _ in _branches(module, adapter):
+        specs[f"{down_path}.weight"] = Shard(linear_kind(down).in_dim, size, ranges)
+    return specs
+
+
+def _under(specs: Mapping[str, Shard], path: str) -> dict[str, Shard]:
+    """The specs of the tensors under child ``path``, keyed relative to it."""
+    return {key[len(path) + 1:]: shard for key, shard in specs.items() if key.startswith(path + ".")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,13 +290,21 @@ def _convert_class(module: nn.Module, mixin: type) -> None:
 
 
 def _require_linear(style: Style, module: nn.Module, path: str) -> LinearKind:
-    kind = linear_kind(module)
+    base, kind, adapter = linear_view(module)
     if kind is None:
         raise TypeError(
             f"{type(style).__name__} cannot split '{path}' ({type(module).__name__}): it splits "
             f"nn.Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d with groups=1 and their default "
-            f"forward; use Replicate() for this module or register_linear_kind() for its type")
-    _require_float(style, module.weight, path)
+            f"forward, and registered adapter layers around them (peft's LoRA Linear); use "
+            f"Replicate() for this module or register_linear_kind() for its type")
+    _require_float(style, base.weight, path)
+    if adapter is not None:
+        adapter.check(module, path)
+        for down, down_path, up, up_path in _branches(module, adapter):
+            for branch, where in ((down, down_path), (up, up_path)):
+                if linear_kind(branch) is None:
+                    raise TypeError(f"{type(style).__name__} cannot split '{path}': its adapter layer "
+                                    f"'{where}' ({type(branch).__name__}) is not linear-like")
     return kind
 
 
@@ -217,31 +349,52 @@ class ColwiseParallel(Style):
 
     def check(self, module, path, world_size):
         kind = _require_linear(self, module, path)
-        _check_unit(self, module.weight.shape[kind.out_dim], path, self.parts)
+        _check_unit(self, linear_view(module)[0].weight.shape[kind.out_dim], path, self.parts)
         if self.gather_output and self.parts > 1:
             raise ValueError(f"ColwiseParallel on '{path}': gather_output=True with parts={self.parts} "
                              f"would gather the fused blocks out of order; keep the output split "
                              f"and follow the layer with a RowwiseParallel layer")
 
     def shard_specs(self, module, world_size):
-        kind = linear_kind(module)
-        shard = even_shard(module.weight.shape[kind.out_dim], world_size, kind.out_dim, self.unit,
-                           self.parts)
-        specs = {"weight": shard}
-        if module.bias is not None:
-            specs["bias"] = Shard(0, shard.size, shard.ranges)
-        return specs
+        base, kind, _ = linear_view(module)
+        shard = even_shard(base.weight.shape[kind.out_dim], world_size, kind.out_dim, self.unit, self.parts)
+        return column_cut(module, shard.size, shard.ranges)
 
     def convert(self, module, *, rank, comm, specs):
-        kind = linear_kind(module)
-        module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, self.gather_output
-        module.tp_sizes = tuple(specs["weight"].local_size(r) for r in range(comm.world_size))
-        if kind.out_attr:
-            setattr(module, kind.out_attr, specs["weight"].local_size(rank))
+        _convert_column(module, rank, comm, specs, self.gather_output)
+
+
+def _convert_column(module: nn.Module, rank: int, comm: Communicator, specs: Mapping[str, Shard],
+                    gather: bool) -> None:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # the base and each up layer column-split; the gather after their sum
+        _convert_column(base, rank, comm, _under(specs, adapter.base), False)
+        for _, _, up, up_path in _branches(module, adapter):
+            _convert_column(up, rank, comm, _under(specs, up_path), False)
+        weight = specs[f"{adapter.base}.weight"]
+        if gather:
+            _convert_class(module, _GatherOutput)
+    else:
+        weight = specs["weight"]
         _convert_class(module, _ColumnParallel)
+    module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, gather
+    module.tp_sizes = tuple(weight.local_size(r) for r in range(comm.world_size))
+    if kind.out_attr and hasattr(module, kind.out_attr):
+        setattr(module, kind.out_attr, weight.local_size(rank))
 
 
-class _ColumnParallel:
+class _Parallel:
+    """Marks a layer converted by a style (its class is a mixin of this and the layer's class)."""
+
+
+class _GatherOutput(_Parallel):
+    """An adapter layer whose base and up layers are column-split: all-gather their sum."""
+
+    def forward(self, *args, **kwargs):
+        return self.tp_comm.all_gather(super().forward(*args, **kwargs), self.tp_kind.feature_dim, self.tp_sizes)
+
+
+class _ColumnParallel(_Parallel):
     def forward(self, x, *args, **kwargs):
         x = self.tp_comm.enter_parallel(x)
         if self.weight.numel() == 0 and self.tp_kind.feature_dim != -1:
@@ -278,22 +431,34 @@ class RowwiseParallel(Style):
 
     def check(self, module, path, world_size):
         kind = _require_linear(self, module, path)
-        _check_unit(self, module.weight.shape[kind.in_dim], path)
+        _check_unit(self, linear_view(module)[0].weight.shape[kind.in_dim], path)
 
     def shard_specs(self, module, world_size):
-        kind = linear_kind(module)
-        return {"weight": even_shard(module.weight.shape[kind.in_dim], world_size, kind.in_dim, self.unit)}
+        base, kind, _ = linear_view(module)
+        shard = even_shard(base.weight.shape[kind.in_dim], world_size, kind.in_dim, self.unit)
+        return row_cut(module, shard.size, shard.ranges)
 
     def convert(self, module, *, rank, comm, specs):
-        kind = linear_kind(module)
-        shard = specs["weight"]
-        module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
-        if kind.in_attr:
-            setattr(module, kind.in_attr, shard.local_size(rank))
-        _convert_class(module, _RowParallel)
+        _convert_row(module, rank, comm, specs)
 
 
-class _RowParallel:
+def _convert_row(module: nn.Module, rank: int, comm: Communicator, specs: Mapping[str, Shard]) -> None:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # the base and each down layer row-split (each all-reduced); up replicated
+        _convert_row(base, rank, comm, _under(specs, adapter.base))
+        for down, down_path, _, _ in _branches(module, adapter):
+            _convert_row(down, rank, comm, _under(specs, down_path))
+        if kind.in_attr and hasattr(module, kind.in_attr):
+            setattr(module, kind.in_attr, specs[f"{adapter.base}.weight"].local_size(rank))
+        return
+    shard = specs["weight"]
+    module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
+    if kind.in_attr:
+        setattr(module, kind.in_attr, shard.local_size(rank))
+    _convert_class(module, _RowParallel)
+
+
+class _RowParallel(_Parallel):
     def forward(self, x, *args, **kwargs):
         kind, shard = self.tp_kind, self.tp_input
         if args or kwargs:
@@ -422,8 +587,8 @@ class AttentionParallel(Style):
         for role in ("q", "k", "v", "qkv"):
             name = getattr(self, role)
             if name and (role == "qkv" or not self.qkv):
-                child = module.get_submodule(name)
-                size = child.weight.shape[linear_kind(child).out_dim]
+                base, kind, _ = linear_view(module.get_submodule(name))
+                size = base.weight.shape[kind.out_dim]
                 if size != expected[role] * self.head_dim:
                     raise ValueError(f"AttentionParallel on '{path}': {name} has {size} output "
                                      f"features, not {expected[role]} heads of {self.head_dim}")
@@ -435,16 +600,15 @@ class AttentionParallel(Style):
             if not name or (self.qkv and role != "qkv"):
                 continue
             child = module.get_submodule(name)
-            kind = linear_kind(child)
+            base, kind, _ = linear_view(child)
             ranges = tuple(self._ranges(role, q, kv) for q, kv in heads)
-            size = child.weight.shape[kind.out_dim]
-            specs[f"{name}.weight"] = Shard(kind.out_dim, size, ranges)
-            if child.bias is not None:
-                specs[f"{name}.bias"] = Shard(0, size, ranges)
+            specs.update({f"{name}.{key}": shard for key, shard in
+                          column_cut(child, base.weight.shape[kind.out_dim], ranges).items()})
         out = module.get_submodule(self.o)
-        kind = linear_kind(out)
+        base, kind, _ = linear_view(out)
         ranges = tuple(self._ranges("q", q, kv) for q, kv in heads)
-        specs[f"{self.o}.weight"] = Shard(kind.in_dim, out.weight.shape[kind.in_dim], ranges)
+        specs.update({f"{self.o}.{key}": shard for key, shard in
+                      row_cut(out, base.weight.shape[kind.in_dim], ranges).items()})
         head_ranges = tuple(((q.start, q.stop),) if len(q) else () for q, _ in heads)
         for name in self.head_tables:
             if _has_child(module, name):
@@ -476,11 +640,8 @@ class AttentionParallel(Style):
 
     def convert(self, module, *, rank, comm, specs):
         for name in self._projections():
-            child = module.get_submodule(name)
-            child_specs = {key.rpartition(".")[2]: s for key, s in specs.items() if key.rpartition(".")[0] == name}
-            ColwiseParallel().convert(child, rank=rank, comm=comm, specs=child_specs)
-        RowwiseParallel().convert(module.get_submodule(self.o), rank=rank, comm=comm,
-                                  specs={"weight": specs[f"{self.o}.weight"]})
+            _convert_column(module.get_submodule(name), rank, comm, _under(specs, name), False)
+        _convert_row(module.get_submodule(self.o), rank, comm, _under(specs, self.o))
         q, kv = assign_heads(self.num_heads, self.kv_heads, comm.world_size)[rank]
         values = {"heads": len(q), "kv_heads": len(kv), "groups": len(q) // max(len(kv), 1),
                   "width": len(q) * self.head_dim, "kv_width": len(kv) * self.head_dim,
@@ -583,7 +744,7 @@ class ExpertsParallel(Style):
         _convert_class(module, _ExpertsParallel)
 
 
-class _ExpertsParallel:
+class _ExpertsParallel(_Parallel):
     def forward(self, *args, **kwargs):
         # every float input (hidden states, routing weights) meets this rank's slice of the
         # experts: their gradients are partial sums
@@ -656,7 +817,7 @@ class EmbeddingParallel(Style):
         _convert_class(module, _VocabParallelEmbedding)
 
 
-class _VocabParallelEmbedding:
+class _VocabParallelEmbedding(_Parallel):
     def forward(self, ids, *args, **kwargs):
         outside = (ids < self.tp_start) | (ids >= self.tp_stop)
         if self.tp_stop == self.tp_start:  # an empty slice: look up a zero row instead
@@ -667,7 +828,7 @@ class _VocabParallelEmbedding:
         return self.tp_comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
-class _DimParallelEmbedding:
+class _DimParallelEmbedding(_Parallel):
     def forward(self, *args, **kwargs):
         return self.tp_comm.all_gather(super().forward(*args, **kwargs), -1, self.tp_sizes)
 

@@ -16,7 +16,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
-from ..runtime import DeviceLike, RankLocal, TensorParallel
+from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors
 from ..styles import Style
 from .plans import plan_for_pretrained, tied_embeddings
 
@@ -159,6 +159,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             plan = plan_for_pretrained(module, world_size)
         self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
                                             sharded=sharded, sharded_param_names=sharded_param_names, **options)
+        self.register_load_state_dict_pre_hook(_cut_full_tensors)  # original keys load, cut per rank
         self._adopt_generation_hooks(module)
         self._adopt_signature(module)
         if tied_embeddings(module):
@@ -199,6 +200,29 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
                 continue
             if hasattr(first, name):
                 object.__setattr__(self, name, getattr(first, name))
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        self.wrapped_model.adopt_adapters()  # peft lists them right after adding adapters to the shards
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The split state (keys ``wrapped_model.module_shards.<rank>.<key>``), or inside
+        :func:`~tensor_parallel.save_tensor_parallel` the original model's (full tensors)."""
+        if self.wrapped_model._unsharded_view:
+            return self.wrapped_model.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
+        original model's names (rank 0's shard stands for it)."""
+        if not self.wrapped_model._unsharded_view:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
+            return
+        memo = set() if memo is None else memo
+        if self not in memo:
+            memo.add(self)
+            yield prefix, self
+        yield from self.wrapped_model.original_modules(memo, prefix, remove_duplicate)
 
     @property
     def module_shards(self) -> nn.ModuleList:
@@ -258,7 +282,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             >>> "pytorch_model.bin.index.json" in os.listdir(folder)
             True
         """
-        if getattr(self, "_tp_save_unsharded", False):  # inside tp.save_tensor_parallel(model)
+        if self.wrapped_model._unsharded_view:  # inside tp.save_tensor_parallel(model)
             from .convert import save_unsharded
 
             save_unsharded(self, save_directory, max_shard_size=max_shard_size,
