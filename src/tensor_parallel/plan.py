@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .styles import (ColwiseParallel, EmbeddingParallel, RowwiseParallel, Style,
-                     linear_kind)
+                     linear_kind, linear_view)
 
 __all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches", "expected_collectives"]
 
@@ -148,6 +148,8 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         return plan_for_pretrained(module, world_size or 2)
     candidates = {path: sub for path, sub in module.named_modules()
                   if _splittable(sub) and not _inside_builtin(module, path)}
+    inside_adapters = [f"{path}." for path, sub in candidates.items() if linear_view(sub)[2] is not None]
+    candidates = {path: sub for path, sub in candidates.items() if not path.startswith(tuple(inside_adapters))}
     graph = _trace(module)
     direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
     for path in _tied_modules(module) | direct:
@@ -209,6 +211,9 @@ def expected_collectives(module: nn.Module, plan: Mapping[str, Style], world_siz
 
 
 def _splittable(module: nn.Module) -> bool:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # an adapter layer (LoRA) splits as its base layer does, adapters alike
+        return kind is not None and _splittable(base)
     weight = module._parameters.get("weight")  # not getattr: fx's tracer records those reads
     if not isinstance(weight, torch.Tensor) or not (weight.dtype.is_floating_point or weight.dtype.is_complex):
         return False  # integer (quantized) weights: partial sums across ranks are not defined
@@ -332,7 +337,7 @@ def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    usable = {p: m for p, m in candidates.items() if calls.get(p) == 1 and linear_kind(m) is not None}
+    usable = {p: m for p, m in candidates.items() if calls.get(p) == 1 and linear_view(m)[1] is not None}
     roles: dict[str, str] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in usable and node.target not in roles:
@@ -349,9 +354,9 @@ class _Region:
 
     def __init__(self, start: fx.Node, usable, roles, modules) -> None:
         self.usable, self.roles, self.modules = usable, roles, modules
-        kind = linear_kind(usable[start.target])
+        kind = linear_view(usable[start.target])[1]
         self.feature_dim = kind.feature_dim
-        self.size = usable[start.target].weight.shape[kind.out_dim]
+        self.size = self._weight(start).shape[kind.out_dim]
         self.sources, self.sinks, self.inner = {start}, set(), set()
         self.forward_queue: list[fx.Node] = [start]
         self.backward_queue: list[fx.Node] = []
@@ -367,8 +372,12 @@ class _Region:
     def _layer(self, node: fx.Node):
         if node.op != "call_module" or node.target not in self.usable or node.target in self.roles:
             return None
-        kind = linear_kind(self.usable[node.target])
+        kind = linear_view(self.usable[node.target])[1]
         return kind if kind.feature_dim == self.feature_dim else None
+
+    def _weight(self, node: fx.Node) -> torch.Tensor:
+        """The weight of the layer ``node`` calls (of its base layer, for an adapter layer)."""
+        return linear_view(self.usable[node.target])[0].weight
 
     def _follow_users(self, node: fx.Node) -> bool:
         for user in node.users:
@@ -376,7 +385,7 @@ class _Region:
                 continue
             kind = self._layer(user)
             if kind is not None and _tensor_args(user) == [node] and user not in self.sources \
-                    and self.usable[user.target].weight.shape[kind.in_dim] == self.size:
+                    and self._weight(user).shape[kind.in_dim] == self.size:
                 self.sinks.add(user)
             elif _is_elementwise(user, self.modules):
                 self.inner.add(user)
@@ -391,7 +400,7 @@ class _Region:
             return True
         kind = self._layer(node)
         if kind is not None and node not in self.sinks \
-                and self.usable[node.target].weight.shape[kind.out_dim] == self.size:
+                and self._weight(node).shape[kind.out_dim] == self.size:
             self.sources.add(node)
             self.forward_queue.append(node)
             return True

@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
 from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors
-from ..styles import Style
+from ..styles import Style, linear_view
 from .plans import plan_for_pretrained, tied_embeddings
 
 __all__ = ["TensorParallelPreTrainedModel", "ShardedCache"]
@@ -181,7 +181,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         """Make each shard's LM head share its embedding slice, as the config says (a model
         built under ``init_empty_weights`` has its ties undone; both are cut alike)."""
         for shard in self.wrapped_model.module_shards:
-            embeddings, head = shard.get_input_embeddings(), shard.get_output_embeddings()
+            embeddings, head = shard.get_input_embeddings(), linear_view(shard.get_output_embeddings())[0]
             if head.weight is not embeddings.weight and head.weight.shape == embeddings.weight.shape:
                 # not setattr: init_empty_weights patches register_parameter to make a new copy
                 head._parameters["weight"] = embeddings.weight
