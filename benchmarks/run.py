@@ -16,7 +16,7 @@ import sys
 
 logger = logging.getLogger("benchmarks.run")
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("speed", "multiprocess", "loading", "coverage")
+BENCHMARKS = ("speed", "multiprocess", "loading", "sharding", "coverage")
 
 # shared/notes/anchors.md: the original library's last working stack, in a venv of its own
 PEER_INSTALL = (["torch==2.13.0"],

@@ -133,8 +133,9 @@ def llama_gradient_checkpointing(rank: int, world_size: int):
 
 
 def sharded(rank: int, world_size: int, path: str):
-    """sharded=True under torch.distributed: an MLP (output, gradients, a step, collectives) and
-    GPT-2 built on meta and loaded from ``path`` (logits, loss gradients with checkpointing)."""
+    """sharded=True under torch.distributed: an MLP (output, gradients, a step, collectives),
+    GPT-2 built on meta and loaded from ``path`` (logits, loss gradients with checkpointing), and
+    Qwen3's per-head norms (gradients, with and without sharded=True)."""
     import transformers
 
     module = _mlp()
@@ -166,6 +167,16 @@ def sharded(rank: int, world_size: int, path: str):
     want.loss.backward()
     _check_grads(split.wrapped_model, reference, rank)
     pieces = {key: split.module_shards[0].get_parameter(key).numel() for key in split.wrapped_model.sharded_keys}
+
+    import hf_models
+
+    for sharded in (False, True):  # per-head q_norm / k_norm: replicated, each rank's part of the gradient summed
+        reference = hf_models.build("qwen3")
+        split = tp.tensor_parallel(copy.deepcopy(reference), sharded=sharded)
+        got, want = split(ids, labels=ids), reference(ids, labels=ids)
+        got.loss.backward()
+        want.loss.backward()
+        _check_grads(split.wrapped_model, reference, rank)
     return dict(stats.calls), pieces
 
 

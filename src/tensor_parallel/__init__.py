@@ -15,8 +15,8 @@ from .plan import Plan, expected_collectives, format_plan, plan_for, resolve_pla
 from .runtime import TensorParallel, parse_devices, tensor_parallel
 from .sharding import parameters_by_device, shard_replicated
 from .split import Shard, split_sizes
-from .styles import (AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
-                     Style, register_linear_kind)
+from .styles import (AdapterKind, AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind,
+                     Replicate, RowwiseParallel, Style, register_adapter_kind, register_linear_kind)
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,8 @@ __all__ = [
     "Replicate",
     "LinearKind",
     "register_linear_kind",
+    "AdapterKind",
+    "register_adapter_kind",
     "Shard",
     "split_sizes",
     "count_collectives",

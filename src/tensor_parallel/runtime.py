@@ -450,24 +450,27 @@ class TensorParallel(nn.Module):
         """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
         original module's names (rank 0's shard stands for it), so that savers that pick
         entries of ``state_dict()`` by module (peft's adapter saving) find them."""
-        if not self._unsharded_view:
+        if self._unsharded_view:
+            yield from original_named_modules(self, self, memo, prefix, remove_duplicate)
+        else:
             yield from super().named_modules(memo, prefix, remove_duplicate)
-            return
-        memo = set() if memo is None else memo
-        if self not in memo:
-            memo.add(self)
-            yield prefix, self
-        yield from self.original_modules(memo, prefix, remove_duplicate)
-
-    def original_modules(self, memo: set, prefix: str, remove_duplicate: bool = True):
-        """The original module's submodules by their original names (rank 0's copies)."""
-        root = self.module_shards[0]
-        for name, module in root.named_modules(memo, prefix, remove_duplicate):
-            if module is not root:
-                yield name, module
 
     def extra_repr(self) -> str:
         return f"devices={[str(d) for d in self.devices]}"
+
+
+def original_named_modules(owner: nn.Module, split: TensorParallel, memo: set | None, prefix: str,
+                           remove_duplicate: bool = True):
+    """``owner`` (a split model, or the model holding one), then the original module's
+    submodules by their original names (rank 0's copies stand for them)."""
+    memo = set() if memo is None else memo
+    if owner not in memo:
+        memo.add(owner)
+        yield prefix, owner
+    root = split.module_shards[0]
+    for name, module in root.named_modules(memo, prefix, remove_duplicate):
+        if module is not root:
+            yield name, module
 
 
 def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

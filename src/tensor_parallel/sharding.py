@@ -155,7 +155,8 @@ def _gather_hook(module: nn.Module, comm: "Communicator") -> "_GatherPieces":
         if isinstance(getattr(hook, "__self__", None), _GatherPieces):
             return hook.__self__
     gather = _GatherPieces(comm)
-    module.register_forward_pre_hook(gather.swap_in)
+    # outermost: other hooks of the module (a gradient sum over the ranks) see the full tensors
+    module.register_forward_pre_hook(gather.swap_in, prepend=True)
     module.register_forward_hook(gather.swap_out, always_call=True)
     return gather
 

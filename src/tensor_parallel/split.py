@@ -292,7 +292,7 @@ def _copy_in_forward(module: nn.Module, names: Sequence[str], device: torch.devi
     while the master is unchanged when no gradient is needed), and the masters otherwise."""
     copies = _RemoteCopies(list(names), device)
     module.register_forward_pre_hook(copies.swap_in)
-    module.register_forward_hook(copies.swap_out, always_call=True)
+    module.register_forward_hook(copies.swap_out, always_call=True, prepend=True)  # last in, first out
 
 
 class _RemoteCopies:

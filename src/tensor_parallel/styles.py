@@ -654,6 +654,36 @@ class AttentionParallel(Style):
         if self.head_inputs:
             module.register_forward_pre_hook(
                 functools.partial(_slice_head_inputs, self.head_inputs, self.num_heads, q), with_kwargs=True)
+        split = self._projections() + [self.o] + list(self.head_tables)
+        for path, sub in module.named_modules():
+            if path and sub._parameters and not any(path == n or path.startswith(n + ".") for n in split):
+                _sum_gradients_over_ranks(sub, comm)  # per-head norms (q_norm) run on this rank's heads
+
+
+def _sum_gradients_over_ranks(module: nn.Module, comm: Communicator) -> None:
+    """``module``'s replicated parameters work on this rank's heads only: each rank's gradient
+    is a part of the unsharded one. Its forward uses them through ``enter_parallel`` (identity;
+    under torch.distributed its backward sums the parts over the ranks; in one process the
+    ranks' parts meet in the one tensor anyway)."""
+    hooks = _EnterParallel(comm)
+    module.register_forward_pre_hook(hooks.swap_in)
+    module.register_forward_hook(hooks.swap_out, always_call=True, prepend=True)  # last in, first out
+
+
+class _EnterParallel:
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.stash: dict[str, torch.Tensor] = {}
+
+    def swap_in(self, module: nn.Module, args) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and torch.is_grad_enabled():
+                self.stash[name] = param
+                module._parameters[name] = self.comm.enter_parallel(param)
+
+    def swap_out(self, module: nn.Module, args, output) -> None:
+        module._parameters.update(self.stash)
+        self.stash.clear()
 
 
 def _has_child(module: nn.Module, name: str) -> bool:

@@ -16,7 +16,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
-from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors
+from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors, original_named_modules
 from ..styles import Style, linear_view
 from .plans import plan_for_pretrained, tied_embeddings
 
@@ -215,14 +215,10 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
     def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
         """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
         original model's names (rank 0's shard stands for it)."""
-        if not self.wrapped_model._unsharded_view:
+        if self.wrapped_model._unsharded_view:
+            yield from original_named_modules(self, self.wrapped_model, memo, prefix, remove_duplicate)
+        else:
             yield from super().named_modules(memo, prefix, remove_duplicate)
-            return
-        memo = set() if memo is None else memo
-        if self not in memo:
-            memo.add(self)
-            yield prefix, self
-        yield from self.wrapped_model.original_modules(memo, prefix, remove_duplicate)
 
     @property
     def module_shards(self) -> nn.ModuleList:
