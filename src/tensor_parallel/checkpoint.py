@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map",
            "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards",
-           "LazyTensor", "unsharded_tensors", "split_tensors"]
+           "LazyTensor", "unsharded_tensors", "split_tensors", "load_split_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _accelerate_device(device: torch.device) -> int | str:
     return device.index if device.type == "cuda" else str(device)
 
 
-def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
+def infer_sharded_device_map(tp_model: nn.Module) -> dict[str, int | str]:
     """A device map for accelerate: each shard's module path to that shard's device (a GPU
     index or ``"cpu"``, as accelerate spells devices).
 
@@ -190,13 +190,13 @@ def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
     """
     from .runtime import TensorParallel
 
-    for path, module in model.named_modules():
+    for path, module in tp_model.named_modules():
         if isinstance(module, TensorParallel):
             prefix = f"{path}." if path else ""
             return {f"{prefix}module_shards.{rank}": _accelerate_device(device)
                     for rank, device in enumerate(module.devices)}
     raise TypeError(f"infer_sharded_device_map expects a model made by tensor_parallel(), got "
-                    f"{type(model).__name__} with no split module inside")
+                    f"{type(tp_model).__name__} with no split module inside")
 
 
 @contextlib.contextmanager
@@ -555,6 +555,50 @@ def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | 
     finally:
         source.close()
     model.install_gradient_sums()  # the hooks belong to the new Parameter objects
+
+
+def load_split_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                          strict: bool = True) -> Any:
+    """``model.load_state_dict`` for a split model (keys ``module_shards.<rank>.<key>``) that
+    also fills tensors still on the meta device (a model built under ``init_empty_weights``):
+    each gets its piece on its rank's device, and a tensor several ranks share stays shared.
+    With ``strict=False`` a state dict may hold only some of the tensors (one checkpoint part).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        >>> state = tp.tensor_parallel(mlp, ["cpu", "cpu"]).state_dict()
+        >>> empty = tp.tensor_parallel(mlp.to("meta"), ["cpu", "cpu"])
+        >>> load_split_state_dict(empty, state)
+        <All keys matched successfully>
+        >>> empty.module_shards[0][0].weight.device
+        device(type='cpu')
+    """
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    expected = set(model.state_dict(keep_vars=True))
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing[:8]}, "
+                           f"unexpected keys {unexpected[:8]}; pass strict=False to load a part of the state")
+    filled: set[str] = set()
+    for holders in _holders(model).values():
+        names = [f"module_shards.{model.shard_ranks.index(rank)}.{key}" for rank, key, *_ in holders]
+        name = next((n for n in names if n in state_dict), None)
+        if name is None:
+            continue
+        rank, key, module, local, _ = holders[0]
+        shape = (module._parameters if local in module._parameters else module._buffers)[local].shape
+        if tuple(state_dict[name].shape) != tuple(shape):
+            raise RuntimeError(f"{name!r} has shape {list(state_dict[name].shape)} in the state dict, but rank "
+                               f"{rank} holds {list(shape)}; was it cut for another number of devices?")
+        _assign(holders, state_dict[name], model.devices[model.shard_ranks.index(rank)], None)
+        filled.update(names)
+    rest = {k: v for k, v in state_dict.items() if k not in filled and k in expected}
+    nn.Module.load_state_dict(model, rest, strict=False)
+    model.install_gradient_sums()
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def _nbytes(info: TensorInfo) -> int:

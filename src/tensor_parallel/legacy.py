@@ -135,6 +135,8 @@ class _Cut(StateAction):
         return gather_tensor(self.shard_for(shape, len(tensors)), list(tensors))
 
     def __repr__(self) -> str:
+        if getattr(self, "text", None):
+            return repr(self.text)
         extra = "".join(f", {k}={v}" for k, v in (("chunk_size", self.unit), ("num_groups", self.parts)) if v != 1)
         return f"{type(self).__name__}(world_size={self.world_size}, dim={self.dim}{extra})"
 
@@ -213,7 +215,7 @@ class Scale(StateAction):
         return None
 
     def __repr__(self) -> str:
-        return f"Scale(world_size={self.world_size})"
+        return repr(self.text) if getattr(self, "text", None) else f"Scale(world_size={self.world_size})"
 
 
 class _Exact(StateAction):
@@ -244,10 +246,10 @@ def _state_action(action: Any, pattern: str) -> StateAction:
         return action
     if isinstance(action, str):
         kind, dim = _parse_string(action, pattern, "state")
-        if kind == "split":
-            return Split(None, dim)
-        if kind == "scale":
-            return Scale(None)
+        made = Split(None, dim) if kind == "split" else Scale(None) if kind == "scale" else None
+        if made is not None:
+            made.text = action
+            return made
         raise ValueError(f"state rule {pattern!r}: {action!r} is not a state action; use 'split <dim>', "
                          f"'scale' or a StateAction such as Split(world_size, dim)")
     if callable(action):
@@ -591,8 +593,8 @@ class _Translation:
             self.consumed.update((path, "output", a.key) for a in self.actions[path]["output"].values()
                                  if a.key != 0 and a.parsed()[0] == "callable")
             return
-        raise self.error(attrs[0].describe(), f"no split of '{path}' into whole heads gives these attribute "
-                         f"values ({last or 'no head size fits its layers'})")
+        raise self.error(attrs[0].describe(), f"no split of '{path}' into whole heads matches this Config "
+                         f"({last or 'no head size fits its layers'})")
 
     def _same_cuts(self, path: str, specs: Mapping[str, Shard]) -> None:
         for name, shard in specs.items():
@@ -737,7 +739,7 @@ def _is_sum(action: _Action | None) -> bool:
 
 def _leftover_reason(path: str, table: str, action: _Action, plan: Mapping[str, Style]) -> str:
     kind = action.parsed()[0]
-    where = f"'{path}'" + (f" ({type(plan[path]).__name__})" if path in plan else " (not split)")
+    where = f"'{path or '<root>'}'" + (f" ({type(plan[path]).__name__})" if path in plan else " (not split)")
     if kind == "callable":
         return f"a callable on {where} cannot be translated: we cannot know what it does"
     if kind == "sum":

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -42,7 +43,8 @@ DeviceLike = int | str | torch.device
 
 
 def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]:
-    """Turn ``device_ids`` into devices: ints are CUDA ordinals, ``None`` is every visible GPU.
+    """Turn ``device_ids`` into devices: ints are CUDA ordinals, ``None`` is every visible GPU
+    (with none visible: one CPU device, and a DeprecationWarning).
 
     Example::
 
@@ -51,9 +53,11 @@ def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]
     """
     if device_ids is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError("device_ids=None means every visible CUDA device, but none is visible; "
-                             "pass device_ids explicitly, e.g. ['cpu', 'cpu'] to split on the CPU")
+        if count == 0:  # the original ran the module whole here; so do we, but say so
+            warnings.warn("device_ids=None means every visible CUDA device, but none is visible: the model "
+                          "runs whole on the CPU, as the original library did; pass device_ids, e.g. "
+                          "['cpu', 'cpu'], to split it on the CPU", DeprecationWarning, stacklevel=3)
+            return [torch.device("cpu")]
         return [torch.device("cuda", i) for i in range(count)]
     if isinstance(device_ids, (str, int, torch.device)) or not isinstance(device_ids, Sequence):
         raise TypeError(f"device_ids must be a list of devices such as ['cuda:0', 'cuda:1'] or "
@@ -388,6 +392,16 @@ class TensorParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict`` (keys ``module_shards.<rank>.<key>``, as
+        :func:`~tensor_parallel.convert_state_dict` makes them), and tensors still on the meta
+        device (a model built under ``init_empty_weights``) get their piece on their device."""
+        from .checkpoint import load_split_state_dict
+
+        if assign or not any(t.device.type == "meta" for t in self.state_dict(keep_vars=True).values()):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_split_state_dict(self, state_dict, strict=strict)
 
     def install_gradient_sums(self) -> None:
         """Make ranks that hold overlapping slices of a tensor (a KV head replicated inside a

@@ -168,6 +168,16 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         """The split as a legacy ``tp.Config`` (see :attr:`TensorParallel.tensor_parallel_config`)."""
         return self.wrapped_model.tensor_parallel_config
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict`` (keys ``wrapped_model.module_shards.<rank>.<key>``);
+        tensors still on the meta device get their piece on their device."""
+        prefix = "wrapped_model."
+        if any(not k.startswith(prefix) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        inner = {k[len(prefix):]: v for k, v in state_dict.items()}
+        result = self.wrapped_model.load_state_dict(inner, strict=strict, assign=assign)
+        return type(result)([prefix + k for k in result.missing_keys], [prefix + k for k in result.unexpected_keys])
+
     def apply_sharding(self, sharded_param_names: Any = None) -> None:
         """ZeRO-3 of the replicated parameters (see :meth:`TensorParallel.apply_sharding`)."""
         self.wrapped_model.apply_sharding(sharded_param_names)

@@ -1,0 +1,593 @@
+"""Drop-in compatibility with the original library (tensor_parallel 2.0.0).
+
+Code is written here as the original's users wrote it: its public names and signatures, its
+README snippets, its custom ``tp.Config`` tables (in the style of its ``slicing_configs.py``
+and ``autoconfig.py``), each checked against the unsharded model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+
+import tensor_parallel as tp
+from helpers import assert_close, assert_gradients_match, check_equivalence
+from hf_models import build
+from tensor_parallel.state_actions import Scale, Split, SplitInChunks, SplitInGroupedChunks, StateAction
+
+# ----------------------------------------------------------------------------------------------
+# Every public name, with the original's signature
+# ----------------------------------------------------------------------------------------------
+
+ORIGINAL_NAMES = ["Config", "convert_state_dict", "infer_sharded_device_map", "save_tensor_parallel",
+                  "tensor_parallel", "Sharded", "TensorParallelPreTrainedModel", "make_distributed_shard",
+                  "StateAction", "TensorParallel"]
+
+_ = inspect.Parameter.empty
+ORIGINAL_SIGNATURES = {  # positional parameters and defaults, in the original's order
+    "tensor_parallel": [("module", _), ("device_ids", None), ("tensor_parallel_config", None),
+                        ("distributed", None), ("sharded", None), ("sharded_param_names", None)],
+    # sharded: the original's class default was True; ours is None (off), see the README
+    "TensorParallel": [("module", _), ("device_ids", None), ("output_device", None), ("output_device_index", None),
+                       ("tensor_parallel_config", None), ("delay_init", False), ("distributed", True),
+                       ("sharded", None), ("sharded_param_names", None)],
+    "TensorParallelPreTrainedModel": [("module", _), ("device_ids", None), ("output_device", None),
+                                      ("output_device_index", None), ("tensor_parallel_config", None)],
+    "Config": [("state_rules", _), ("input_rules", _), ("output_rules", _), ("attr_rules", _)],
+    "convert_state_dict": [("input_state_dict", _), ("tensor_parallel_config", _), ("world_size", _),
+                           ("for_pretrained", False)],
+    "make_distributed_shard": [("module", _), ("device", _), ("tensor_parallel_config", None)],
+    "Sharded": [("module", _), ("sharded_param_names", None)],
+    "infer_sharded_device_map": [("tp_model", _)],
+    "save_tensor_parallel": [("model", _)],
+}
+
+
+def _positional(obj) -> list[tuple[str, object]]:
+    target = obj.__new__ if obj is tp.Sharded else obj
+    params = list(inspect.signature(target).parameters.values())
+    if params and params[0].name in ("self", "cls"):
+        params = params[1:]
+    return [(p.name, p.default) for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def test_every_public_name_of_the_original_exists():
+    missing = [name for name in ORIGINAL_NAMES if not hasattr(tp, name)]
+    assert not missing
+    assert issubclass(tp.TensorParallelPreTrainedModel, transformers.PreTrainedModel)
+    assert issubclass(Split, tp.StateAction) and issubclass(Scale, StateAction)
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_SIGNATURES))
+def test_signature_matches_the_original(name):
+    assert _positional(getattr(tp, name)) == ORIGINAL_SIGNATURES[name]
+
+
+def test_our_options_stay_keyword_only():
+    for obj in (tp.tensor_parallel, tp.TensorParallel):
+        params = inspect.signature(obj).parameters
+        assert params["plan"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert inspect.signature(tp.TensorParallel).parameters["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def _mlp(width=16, hidden=40, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.LayerNorm(width))
+
+
+def _megatron_config(n: int) -> tp.Config:
+    """The Megatron pair, written with strings: one all-reduce."""
+    return tp.Config({r"^0\.(weight|bias)$": "split 0", r"^2\.weight$": "split 1", r"^2\.bias$": "scale"},
+                     {}, {r"^2$": {0: "sum"}}, {})
+
+
+def test_arguments_in_the_originals_positions():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    module = _mlp()
+    expected = module(x)
+    # tensor_parallel(module, device_ids, tensor_parallel_config, distributed, sharded, sharded_param_names)
+    model = tp.tensor_parallel(copy.deepcopy(module), ["cpu", "cpu"], _megatron_config(2), False, False, None)
+    assert model.plan == {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}
+    assert_close(model(x), expected, "tensor_parallel with positional legacy arguments")
+    # TensorParallel(module, device_ids, output_device, output_device_index, config, delay_init, distributed, sharded)
+    model = tp.TensorParallel(copy.deepcopy(module), ["cpu:0", "cpu:1"], None, 1, _megatron_config(2), False,
+                              False, False, None)
+    assert model.output_device == torch.device("cpu", 1) and model.plan["2"] == tp.RowwiseParallel()
+    assert_close(model(x), expected, "TensorParallel with positional legacy arguments")
+    assert tp.TensorParallel(copy.deepcopy(module), ["cpu:0", "cpu:1"], output_device_index=-1).output_device \
+        == torch.device("cpu", 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(output_device="cpu", output_device_index=0), "either output_device or output_device_index"),
+    (dict(output_device_index=2), "output_device_index=2 must index the devices"),
+    (dict(plan={}, tensor_parallel_config=tp.Config({}, {}, {}, {})), "either plan= .* or tensor_parallel_config="),
+    (dict(sharded=False, sharded_param_names=["3.weight"]), "sharded_param_names names the parameters"),
+])
+def test_conflicting_legacy_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tp.TensorParallel(_mlp(), ["cpu", "cpu"], **kwargs)
+
+
+def test_a_config_must_be_a_config():
+    with pytest.raises(TypeError, match="tensor_parallel_config must be a tp.Config"):
+        tp.tensor_parallel(_mlp(), ["cpu", "cpu"], {"0": tp.ColwiseParallel()})
+
+
+def test_distributed_true_without_torch_distributed_says_what_to_do():
+    with pytest.raises(ValueError, match="torch.distributed is not initialised; launch with torchrun"):
+        tp.tensor_parallel(_mlp(), ["cpu"], None, True)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        tp.make_distributed_shard(_mlp(), "cpu")
+
+
+def test_no_device_ids_and_no_gpu_runs_whole_as_the_original_did():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device_ids=None means every GPU")
+    module = _mlp()
+    x = torch.randn(2, 16)
+    with pytest.warns(DeprecationWarning, match="runs whole on the CPU"):
+        model = tp.TensorParallel(copy.deepcopy(module), None)
+    assert model.devices == [torch.device("cpu")] and len(model.module_shards) == 1
+    assert_close(model(x), module(x), "the whole model on the CPU")
+
+
+# ----------------------------------------------------------------------------------------------
+# delay_init: shards built on the CPU, moved to their devices by the first call
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_delay_init_builds_on_the_cpu_and_moves_at_the_first_call(n):
+    torch.manual_seed(0)
+    devices = [f"cpu:{i}" for i in range(n)]  # distinct devices: replicated tensors live on rank 0's
+    module = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16), nn.LayerNorm(16), nn.Linear(16, 37))
+    model = tp.TensorParallel(copy.deepcopy(module), devices, delay_init=True)
+    assert model.need_delayed_init
+    # until then ranks share the replicated LayerNorm as one tensor, like ranks on one device
+    assert model.module_shards[0][3].weight is model.module_shards[1][3].weight
+    x = torch.randn(4, 16)
+    assert_close(model(x), module(x), "output after a delayed init")
+    assert not model.need_delayed_init
+    # the same checks as an ordinary split: gradients of replicated tensors reach their one copy
+    check_equivalence(module, (x,), n, devices=devices, delay_init=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs written as the original's users wrote them
+# ----------------------------------------------------------------------------------------------
+
+
+def heads_of(num_heads: int, *, rank: int, world_size: int) -> int:
+    """The original's ``split_num_heads``, as a custom config copies it: the rank's share of heads."""
+    return torch.empty(num_heads, device="meta").tensor_split(world_size)[rank].numel()
+
+
+class Attention(nn.Module):
+    """A small attention block whose forward reads ``num_heads`` (the attribute a config scales)."""
+
+    def __init__(self, width: int, heads: int, fused: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        if fused:
+            self.qkv = nn.Linear(width, 3 * width)
+        else:
+            self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.o = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1) if hasattr(self, "qkv") else (self.q(x), self.k(x), self.v(x))
+        heads = [y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v)]
+        y = F.scaled_dot_product_attention(*heads, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, fused: bool = False) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(width), Attention(width, heads, fused)
+        self.ln2, self.mlp = nn.LayerNorm(width), nn.Sequential(nn.Linear(width, 40), nn.GELU(), nn.Linear(40, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def _blocks(width=48, heads=6, fused=False, layers=2):
+    torch.manual_seed(0)
+    return nn.Sequential(*(Block(width, heads, fused) for _ in range(layers)))
+
+
+def block_config(n: int, head_dim: int, fused: bool = False) -> tp.Config:
+    """A custom config in the style of the original's slicing_configs.py."""
+    attention = {
+        r".*attn\.qkv\.(weight|bias)$": SplitInGroupedChunks(world_size=n, dim=0, num_groups=3, chunk_size=head_dim),
+    } if fused else {
+        r".*attn\.(q|k|v)\.(weight|bias)$": SplitInChunks(world_size=n, dim=0, chunk_size=head_dim),
+    }
+    return tp.Config(
+        state_rules={
+            **attention,
+            r".*attn\.o\.weight$": SplitInChunks(world_size=n, dim=1, chunk_size=head_dim),
+            r".*attn\.o\.bias$": Scale(world_size=n),
+            r".*mlp\.0\.(weight|bias)$": Split(world_size=n, dim=0),
+            r".*mlp\.2\.weight$": Split(world_size=n, dim=1),
+            r".*mlp\.2\.bias$": Scale(world_size=n),
+        },
+        input_rules={},
+        output_rules={r".*attn$": {0: "sum"}, r".*mlp$": {0: "sum"}},
+        attr_rules={r".*attn$": {"num_heads": "scale" if fused else partial(heads_of, world_size=n)}},
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_megatron_pair_from_a_config_costs_one_all_reduce(n):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    model = check_equivalence(_mlp(), (x,), n, tensor_parallel_config=_megatron_config(n))
+    assert model.plan == {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}
+    with tp.count_collectives() as stats:
+        model(x)
+    assert dict(stats.calls) == {"all_reduce": 1}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["q-k-v", "fused-qkv"])
+@pytest.mark.parametrize("n, heads", [(2, 6), (3, 6), (3, 4)])  # 4 heads over 3: 2/1/1
+def test_attention_and_mlp_config_equals_unsharded(n, heads, fused):
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 48)
+    config = block_config(n, 48 // heads, fused)
+    model = check_equivalence(_blocks(heads=heads, fused=fused), (x,), n, tensor_parallel_config=config)
+    attention = model.plan["0.attn"]
+    assert isinstance(attention, tp.AttentionParallel) and attention.num_heads == heads
+    assert attention.attributes == (("num_heads", "heads"),)
+    assert model.plan["0.mlp.0"] == tp.ColwiseParallel() and model.plan["0.mlp.2"] == tp.RowwiseParallel()
+    with tp.count_collectives() as stats:
+        model(x)
+    assert dict(stats.calls) == {"all_reduce": 4}  # 2 blocks x (attention + MLP): the Megatron floor
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("emb_cls", [nn.Embedding, nn.EmbeddingBag])
+def test_the_originals_automatic_config_written_by_hand(emb_cls, n):
+    """The original's test model, split by a Config like the one its autoconfig.py made."""
+    torch.manual_seed(0)
+    module = nn.Sequential(emb_cls(num_embeddings=1337, embedding_dim=64), nn.LayerNorm(64), nn.Linear(64, 128),
+                           nn.ReLU(), nn.Linear(128, 10))
+    config = tp.Config(
+        state_rules={r"^0.weight$": Split(world_size=n, dim=1), r"^2.(weight|bias)$": Split(world_size=n, dim=0),
+                     r"^4.(weight|bias)$": Split(world_size=n, dim=0)},
+        input_rules={},
+        output_rules={r"^0$": {0: "gather -1"}, r"^2$": {0: "gather -1"}, r"^4$": {0: "gather -1"}},
+        attr_rules={},
+    )
+    inputs = torch.randint(1, 1000, size=(1, 10))
+    model = check_equivalence(module, (inputs,), n, tensor_parallel_config=config)
+    assert model.plan == {"0": tp.EmbeddingParallel(dim=1), "2": tp.ColwiseParallel(gather_output=True),
+                          "4": tp.ColwiseParallel(gather_output=True)}
+
+
+def test_the_originals_basic_test_runs_unchanged():
+    """tests/test_basic.py of the original: the default split, and its own gradient check."""
+    torch.manual_seed(0)
+    for devices in [("cpu",), ("cpu", "cpu"), ("cpu", "cpu", "cpu")]:
+        model = nn.Sequential(nn.Embedding(num_embeddings=1337, embedding_dim=64), nn.LayerNorm(64),
+                              nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        inputs = torch.randint(1, 1000, size=(1, 10))
+        ref_out = model(inputs)
+        ref_out.norm().backward()
+        model_tp = tp.TensorParallel(copy.deepcopy(model), device_ids=devices)
+        out_ours = model_tp(inputs)
+        out_ours.norm().backward()
+        torch.testing.assert_close(ref_out, out_ours, atol=1e-6, rtol=1e-05)  # the original's tolerances
+        our_grad = torch.cat([next(shard[0].parameters()).grad for shard in model_tp.module_shards], dim=1)
+        torch.testing.assert_close(model[0].weight.grad, our_grad, atol=1e-6, rtol=1e-05)
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.ln, self.head = nn.Embedding(97, 16), nn.LayerNorm(16), nn.Linear(16, 97, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.ln(self.emb(ids)))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_tied_lm_head_split_by_input_features(n):
+    """autoconfig.py's special case: the LM head tied to an embedding cut along dim 1 takes a
+    split input (``Split(world_size, dim=-1)`` as an input action) and sums its output."""
+    torch.manual_seed(0)
+    config = tp.Config({r"^emb\.weight$": Split(world_size=n, dim=1)}, {r"^head$": {0: Split(world_size=n, dim=-1)}},
+                       {r"^emb$": {0: "gather -1"}, r"^head$": {0: "sum"}}, {})
+    model = check_equivalence(TiedLM(), (torch.tensor([[1, 5, 96, 3]]),), n, tensor_parallel_config=config)
+    assert model.plan == {"emb": tp.EmbeddingParallel(dim=1), "head": tp.RowwiseParallel()}
+    assert model.module_shards[0].head.weight is model.module_shards[0].emb.weight
+
+
+def test_an_empty_config_splits_nothing():
+    model = tp.TensorParallel(_mlp(), ["cpu", "cpu"], tensor_parallel_config=tp.Config({}, {}, {}, {}))
+    assert model.plan == {}
+    assert all(shard is None for shard in model.layout.values())
+
+
+def test_a_split_models_own_config_round_trips():
+    model = tp.TensorParallel(_blocks(heads=6), ["cpu", "cpu", "cpu"], tensor_parallel_config=block_config(3, 8))
+    again = tp.TensorParallel(_blocks(heads=6), ["cpu", "cpu", "cpu"], tensor_parallel_config=model.tensor_parallel_config)
+    assert again.plan == model.plan and again.layout == model.layout
+
+
+def test_the_callers_config_is_not_changed():
+    state_rules = {r"^0\.(weight|bias)$": "split 0", r"^2\.weight$": "split 1", r"^2\.bias$": "scale"}
+    before = dict(state_rules)
+    config = tp.Config(state_rules, {}, {r"^2$": {0: "sum"}}, {})
+    tp.TensorParallel(_mlp(), ["cpu", "cpu"], tensor_parallel_config=config)
+    assert state_rules == before
+
+
+# Untranslatable rules: a ValueError that names the rule (regex and action) and what to do.
+def _error_cases():
+    mlp_rules = {r"^0\.(weight|bias)$": "split 0", r"^2\.weight$": "split 1", r"^2\.bias$": "scale"}
+
+    class Custom(StateAction):
+        def __call__(self, tensor, rank):
+            return tensor
+
+        def undo(self, tensors):
+            return tensors[0]
+
+    return {
+        "layer norm cut": (tp.Config({**mlp_rules, r"^3\.weight$": "split 0"}, {}, {r"^2$": {0: "sum"}}, {}),
+                           r"'\^3\\\\.weight\$'.*'3' \(LayerNorm\) is not a layer we split"),
+        "row without a sum": (tp.Config(mlp_rules, {}, {}, {}), r"'\^2\\\\.weight\$'.*no output rule sums it"),
+        "row summed twice": (tp.Config(mlp_rules, {}, {r"^2$": {0: "sum"}, r"^$": {0: "sum"}}, {}),
+                             "summed 2 times"),
+        "bias added per rank": (tp.Config({r"^0\.(weight|bias)$": "split 0", r"^2\.weight$": "split 1"}, {},
+                                          {r"^2$": {0: "sum"}}, {}), r"'2.bias'.*add Scale"),
+        "sum with nothing to sum": (tp.Config({}, {}, {r"^3$": {0: "sum"}}, {}),
+                                    r"output rule '\^3\$' \{0: 'sum'\}.*nothing to sum"),
+        "gather on a container": (tp.Config({}, {}, {r"^$": {0: "gather -1"}}, {}),
+                                  r"output rule '\^\$' \{0: 'gather -1'\}.*'<root>' \(not split\)"),
+        "a callable": (tp.Config({}, {r"^3$": {0: lambda x, rank: x}}, {}, {}), r"input rule '\^3\$'.*a callable"),
+        "bias not cut with its weight": (tp.Config({r"^0\.weight$": "split 0"}, {}, {r"^0$": {0: "gather -1"}}, {}),
+                                         r"'0.bias' \(no state rule: kept whole\).*cut the weight and the bias"),
+        "wrong world size": (tp.Config({r"^0\.(weight|bias)$": Split(world_size=2, dim=0)}, {},
+                                       {r"^0$": {0: "gather -1"}}, {}), r"cuts into 2 parts, but the model is split over 3"),
+        "a custom state action": (tp.Config({r"^0\.weight$": Custom()}, {}, {}, {}), "custom state action"),
+        "conflicting rules": (tp.Config({}, {r"^0$": {0: "split -1"}, r"0": {0: "split 0"}}, {}, {}),
+                              "give module '0' two actions"),
+        "unreadable action": (tp.Config({}, {}, {r"^0$": {0: "gather everything"}}, {}), "cannot read the action"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_error_cases()))
+def test_an_untranslatable_rule_is_named(case):
+    config, message = _error_cases()[case]
+    with pytest.raises(ValueError, match=message) as caught:
+        tp.TensorParallel(_mlp(), ["cpu"] * 3, tensor_parallel_config=config)
+    assert "pass plan= with styles instead" in str(caught.value) or case in ("conflicting rules", "unreadable action")
+
+
+def test_attention_cut_across_heads_is_named():
+    # 4 heads of 8 over 3 devices: Split cuts 11/11/10 features, not whole heads
+    config = block_config(3, 8)
+    config.state_rules = {p: (Split(3, 0) if "(q|k|v)" in p.pattern else a) for p, a in config.state_rules.items()}
+    with pytest.raises(ValueError, match=r"attr rule '\.\*attn\$' \{'num_heads'.*no split of '0.attn' into whole heads"):
+        tp.TensorParallel(_blocks(width=32, heads=4), ["cpu"] * 3, tensor_parallel_config=config)
+
+
+def test_attribute_values_no_head_split_gives_are_named():
+    config = block_config(2, 8)
+    config.attr_rules[next(iter(config.attr_rules))] = {"num_heads": lambda n, rank: n}  # not divided at all
+    with pytest.raises(ValueError, match="no split of '0.attn' into whole heads"):
+        tp.TensorParallel(_blocks(), ["cpu"] * 2, tensor_parallel_config=config)
+
+
+def test_deprecated_callable_state_rule_warns():
+    with pytest.warns(DeprecationWarning, match="a callable is deprecated"):
+        tp.Config({r"weight": lambda tensor, rank: tensor}, {}, {}, {})
+
+
+def test_state_actions_cut_like_torch_tensor_split():
+    t = torch.arange(2 * 7 * 3).reshape(2, 7, 3)
+    for rank in range(3):
+        assert torch.equal(Split(3, 1)(t, rank), torch.tensor_split(t, 3, dim=1)[rank])
+    parts = [Split(3, 1)(t, r) for r in range(3)]
+    assert torch.equal(Split(3, 1).undo(parts), t)
+    grouped = SplitInGroupedChunks(2, 0, num_groups=3, chunk_size=2)
+    fused = torch.arange(12)
+    assert torch.equal(grouped(fused, 1), torch.tensor([2, 3, 6, 7, 10, 11]))
+    assert torch.equal(grouped.undo([grouped(fused, r) for r in range(2)]), fused)
+    assert torch.equal(Scale(4)(torch.ones(2), 0), torch.full((2,), 0.25))
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's snippets, run as its users ran them (tiny models, CPU devices)
+# ----------------------------------------------------------------------------------------------
+
+
+def _opt():
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=97, hidden_size=48, ffn_dim=80, num_hidden_layers=2,
+                                    num_attention_heads=6, max_position_embeddings=64, word_embed_proj_dim=48)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_readme_quickstart(n):
+    reference = _opt()
+    model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu"] * n)  # <- each device has 1/n of the weights
+    inputs = torch.tensor([[5, 6, 7, 8]])
+    outputs = model.generate(inputs, num_beams=5, max_new_tokens=6)
+    assert torch.equal(outputs, reference.generate(inputs, num_beams=5, max_new_tokens=6))
+    loss = model(input_ids=inputs, labels=inputs).loss
+    loss.backward()  # training works as usual
+    expected = reference(input_ids=inputs, labels=inputs).loss
+    expected.backward()
+    assert_close(loss, expected, "loss")
+    assert_gradients_match(model.wrapped_model, reference)
+
+
+def test_readme_saving(tmp_path):
+    reference = _opt()
+    model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"])
+    with tp.save_tensor_parallel(model):
+        torch.save(model.state_dict(), tmp_path / "state.bin")
+        model.save_pretrained(tmp_path / "saved")
+    plain = _opt()
+    for parameter in plain.parameters():
+        nn.init.zeros_(parameter)
+    plain.load_state_dict(torch.load(tmp_path / "state.bin"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value) and torch.equal(loaded.state_dict()[key], value), key
+
+
+class MyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16))
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 37)
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.body(x)))
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_readme_memory_efficient_dispatch(parts):
+    torch.manual_seed(0)
+    reference = MyModel()
+    # Initialize a weightless tensor_parallel model from MyModel
+    with init_empty_weights():
+        model = tp.TensorParallel(
+            MyModel(),
+            device_ids=["cpu", "cpu"],  # and prepare it to be put on 2 devices
+        )
+    keys = list(reference.state_dict())
+    for part in range(parts):  # "my_model_part_1_of_5.bin", ...
+        state_dict = {k: reference.state_dict()[k] for k in keys[part::parts]}
+        # Convert it into a tensor_parallel state_dict
+        tensor_parallel_state_dict = tp.convert_state_dict(
+            state_dict,
+            tensor_parallel_config=model.tensor_parallel_config,
+            world_size=len(model.devices),
+        )
+        # Dispatch the partial state_dict (a part alone is not the whole state: strict=False)
+        model.load_state_dict(tensor_parallel_state_dict, strict=parts == 1)
+    assert not [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    x = torch.randn(3, 16)
+    assert_close(model(x), reference(x), "after the memory-efficient dispatch")
+    model(x).pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    assert_gradients_match(model, reference)  # the replicated tensors are one parameter again
+
+
+def test_convert_state_dict_for_pretrained_and_with_a_hand_written_config():
+    reference = _opt()
+    with init_empty_weights():
+        model = tp.TensorParallelPreTrainedModel(_opt(), ["cpu", "cpu"])
+    state = tp.convert_state_dict(reference.state_dict(), model.tensor_parallel_config, 2, for_pretrained=True)
+    assert all(k.startswith("wrapped_model.module_shards.") for k in state)
+    model.load_state_dict(state)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, "logits after convert_state_dict")
+    # a user's Config cuts the same way its translated plan does; scaled biases stay whole
+    mlp = _mlp()
+    state = tp.convert_state_dict(mlp.state_dict(), _megatron_config(2), world_size=2)
+    split = tp.TensorParallel(_mlp(seed=1), ["cpu", "cpu"], tensor_parallel_config=_megatron_config(2))
+    split.load_state_dict(state)
+    assert torch.equal(state["module_shards.1.2.bias"], mlp[2].bias)
+    x = torch.randn(2, 16)
+    assert_close(split(x), mlp(x), "after loading a state cut by a hand-written Config")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face: the legacy arguments, get_encoder for encoder-decoders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_t5_get_encoder_and_generate_with_legacy_arguments():
+    """The original's test_encoder, plus generate, with output_device_index and delay_init."""
+    reference = build("t5")
+    encoder_input = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    model = tp.TensorParallelPreTrainedModel(copy.deepcopy(reference), ["cpu:0", "cpu:1", "cpu:2"], None, 1,
+                                             delay_init=True, sharded=False)
+    assert isinstance(model, transformers.PreTrainedModel) and model.wrapped_model.need_delayed_init
+    with torch.no_grad():
+        out = model.get_encoder()(encoder_input)  # the first call places the shards
+        assert_close(out.last_hidden_state, reference.get_encoder()(encoder_input).last_hidden_state, "encoder")
+    assert not model.wrapped_model.need_delayed_init
+    assert model.wrapped_model.output_device == torch.device("cpu", 1)
+    assert torch.equal(model.generate(encoder_input, max_new_tokens=5, num_beams=2),
+                       reference.generate(encoder_input, max_new_tokens=5, num_beams=2))
+
+
+def test_factory_returns_the_originals_types():
+    """The original's test_factory: a module gives TensorParallel, a transformers model a PreTrainedModel."""
+    model = tp.tensor_parallel(_mlp(), device_ids=["cpu", "cpu"], sharded=False)
+    assert isinstance(model, tp.TensorParallel)
+    hf = tp.tensor_parallel(build("bloom"), device_ids=["cpu", "cpu"])
+    assert isinstance(hf, transformers.PreTrainedModel) and isinstance(hf, tp.TensorParallelPreTrainedModel)
+
+
+def test_a_hand_written_config_for_a_transformers_mlp():
+    """A Config for the MLPs of a transformers model (the attention left whole)."""
+    reference = build("llama")
+    config = tp.Config({r".*mlp\.(gate|up)_proj\.weight$": Split(2, 0), r".*mlp\.down_proj\.weight$": Split(2, 1)},
+                       {}, {r".*mlp$": {0: "sum"}}, {})
+    model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"], config)
+    assert set(model.plan) == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, "logits")
+    with tp.count_collectives() as stats, torch.no_grad():
+        model(ids)
+    assert dict(stats.calls) == {"all_reduce": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 (sharded=True, Sharded, apply_sharding): the arguments reach shard_replicated
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sharded_is_off_unless_asked_for(monkeypatch):
+    import tensor_parallel.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime.TensorParallel, "apply_sharding", lambda self, names=None: calls.append(names))
+    tp.tensor_parallel(_mlp(), ["cpu", "cpu"])  # sharded=None: off, as the original's factory did
+    tp.TensorParallel(_mlp(), ["cpu", "cpu"])
+    tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"])  # the seed flow needs it off
+    assert calls == []
+    tp.tensor_parallel(_mlp(), ["cpu", "cpu"], None, None, True)
+    tp.TensorParallel(_mlp(), ["cpu", "cpu"], sharded_param_names=["3.weight"])  # names imply sharded
+    tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"], sharded=True, sharded_param_names=["lm_head.weight"])
+    assert calls == [None, ["3.weight"], ["lm_head.weight"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = tp.TensorParallel(_mlp(), ["cpu", "cpu"])
+    with pytest.warns(DeprecationWarning, match="Sharded.* is deprecated"):
+        assert tp.Sharded(model, ["3.bias"]) is model
+    assert calls[-1] == ["3.bias"]
+
+
+def test_distributed_true_returns_the_module_and_uses_the_config():
+    import dist_cases
+    from distributed import assert_all_ok, run_ranks
+
+    calls = assert_all_ok(run_ranks(dist_cases.legacy, 2))
+    assert calls[0] == {"all_reduce": 1}
