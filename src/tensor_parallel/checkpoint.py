@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map",
            "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards",
-           "LazyTensor", "unsharded_tensors", "split_tensors", "load_split_state_dict"]
+           "LazyTensor", "unsharded_tensors", "split_tensors", "load_split_state_dict", "set_unsharded_saving"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,17 +215,36 @@ def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
         >>> sorted(state) == sorted(mlp.state_dict())
         True
     """
+    set_unsharded_saving(model, True)
+    try:
+        yield model
+    finally:
+        set_unsharded_saving(model, False)
+
+
+def set_unsharded_saving(model: nn.Module, unsharded: bool) -> None:
+    """Make ``model.state_dict()`` (and ``save_pretrained``) give the unsharded state, or the
+    split state again. The original's ``model.set_preserve_shards_when_saving(not unsharded)``.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+        >>> set_unsharded_saving(model, True); sorted(model.state_dict())
+        ['0.bias', '0.weight']
+        >>> set_unsharded_saving(model, False); len(model.state_dict())
+        4
+    """
     from .runtime import TensorParallel
 
     split = [m for m in model.modules() if isinstance(m, TensorParallel)]
     if len(split) != 1:
         raise TypeError(f"save_tensor_parallel expects a model made by tensor_parallel(), got "
                         f"{type(model).__name__} with {len(split)} split modules inside")
-    model.state_dict = split[0].unsharded_state_dict  # type: ignore[method-assign]
-    model._tp_save_unsharded = True  # save_pretrained of a split transformers model saves it whole
-    try:
-        yield model
-    finally:
+    if unsharded:
+        model.state_dict = split[0].unsharded_state_dict  # type: ignore[method-assign]
+        model._tp_save_unsharded = True  # save_pretrained of a split transformers model saves it whole
+    elif getattr(model, "_tp_save_unsharded", False):
         del model.state_dict
         del model._tp_save_unsharded
 
@@ -577,7 +596,7 @@ def load_split_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     """
     from torch.nn.modules.module import _IncompatibleKeys
 
-    expected = set(model.state_dict(keep_vars=True))
+    expected = set(nn.Module.state_dict(model, keep_vars=True))
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if strict and (missing or unexpected):
         raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing[:8]}, "

@@ -376,6 +376,21 @@ class TensorParallel(nn.Module):
         """
         return Config.from_layout(self.layout, self.plan, self.world_size)
 
+    def set_preserve_shards_when_saving(self, value: bool) -> None:
+        """The original's switch: ``False`` makes ``state_dict()`` return the unsharded state
+        (what ``tp.save_tensor_parallel(model)`` does inside its block), ``True`` the split one.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+            >>> model.set_preserve_shards_when_saving(False); sorted(model.state_dict())
+            ['0.bias', '0.weight']
+        """
+        from .checkpoint import set_unsharded_saving
+
+        set_unsharded_saving(self, not value)
+
     def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
         """Partition the replicated parameters between the ranks (ZeRO-3): each rank keeps
         a slice and they are gathered for each forward. ``sharded_param_names`` (state keys of
@@ -399,7 +414,7 @@ class TensorParallel(nn.Module):
         device (a model built under ``init_empty_weights``) get their piece on their device."""
         from .checkpoint import load_split_state_dict
 
-        if assign or not any(t.device.type == "meta" for t in self.state_dict(keep_vars=True).values()):
+        if assign or not any(t.device.type == "meta" for t in nn.Module.state_dict(self, keep_vars=True).values()):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         return load_split_state_dict(self, state_dict, strict=strict)
 

@@ -15,6 +15,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
+from ..legacy import Config
 from ..runtime import DeviceLike, RankLocal, TensorParallel
 from ..styles import Style
 from .plans import tied_embeddings
@@ -147,7 +148,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
                  output_device: DeviceLike | None = None, output_device_index: int | None = None,
-                 tensor_parallel_config: Any = None, *, plan: Mapping[str, Style] | None = None,
+                 tensor_parallel_config: Config | None = None, *, plan: Mapping[str, Style] | None = None,
                  **options: Any) -> None:
         """``options`` are :class:`~tensor_parallel.TensorParallel`'s: ``delay_init``,
         ``distributed``, ``sharded``, ``sharded_param_names``, ``timeout``, ``process_group``."""
@@ -164,7 +165,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             self._tie_shards()
 
     @property
-    def tensor_parallel_config(self) -> Any:
+    def tensor_parallel_config(self) -> Config:
         """The split as a legacy ``tp.Config`` (see :attr:`TensorParallel.tensor_parallel_config`)."""
         return self.wrapped_model.tensor_parallel_config
 
@@ -177,6 +178,13 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         inner = {k[len(prefix):]: v for k, v in state_dict.items()}
         result = self.wrapped_model.load_state_dict(inner, strict=strict, assign=assign)
         return type(result)([prefix + k for k in result.missing_keys], [prefix + k for k in result.unexpected_keys])
+
+    def set_preserve_shards_when_saving(self, value: bool) -> None:
+        """The original's switch: ``False`` makes ``state_dict()`` return the unsharded state
+        (what ``tp.save_tensor_parallel(model)`` does inside its block), ``True`` the split one."""
+        from ..checkpoint import set_unsharded_saving
+
+        set_unsharded_saving(self, not value)
 
     def apply_sharding(self, sharded_param_names: Any = None) -> None:
         """ZeRO-3 of the replicated parameters (see :meth:`TensorParallel.apply_sharding`)."""
