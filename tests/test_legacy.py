@@ -259,6 +259,22 @@ def test_attention_and_mlp_config_equals_unsharded(n, heads, fused):
     assert dict(stats.calls) == {"all_reduce": 4}  # 2 blocks x (attention + MLP): the Megatron floor
 
 
+def test_kv_cache_rules_of_the_original_are_dropped():
+    """The original's configs passed KV caches between ranks with callables (select_kv_for_rank on
+    the cache argument, a gather of output 1); each rank keeps its own cache here."""
+    base = block_config(2, 8)
+    state, attrs = ({p.pattern: a for p, a in t.items()} for t in (base.state_rules, base.attr_rules))
+    outputs = {r".*attn$": {0: "sum", 1: lambda *kvs: kvs}, r".*mlp$": {0: "sum"}}
+    config = tp.Config(state, {r".*attn$": {"layer_past": lambda kv, rank: kv}}, outputs, attrs)
+    x = torch.randn(2, 5, 48)
+    model = tp.TensorParallel(_blocks(), ["cpu", "cpu"], tensor_parallel_config=config)
+    assert isinstance(model.plan["1.attn"], tp.AttentionParallel)
+    assert_close(model(x), _blocks()(x), "output with the KV-cache rules dropped")
+    config = tp.Config(state, {r".*mlp$": {"mask": lambda m, rank: m}}, outputs, attrs)  # another callable
+    with pytest.raises(ValueError, match=r"input rule '\.\*mlp\$' \{'mask'.*a callable"):
+        tp.TensorParallel(_blocks(), ["cpu", "cpu"], tensor_parallel_config=config)
+
+
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("emb_cls", [nn.Embedding, nn.EmbeddingBag])
 def test_the_originals_automatic_config_written_by_hand(emb_cls, n):
@@ -535,6 +551,76 @@ def test_t5_get_encoder_and_generate_with_legacy_arguments():
     assert model.wrapped_model.output_device == torch.device("cpu", 1)
     assert torch.equal(model.generate(encoder_input, max_new_tokens=5, num_beams=2),
                        reference.generate(encoder_input, max_new_tokens=5, num_beams=2))
+
+
+def inner_dim_of(inner_dim: int, *, rank: int, num_heads: int, world_size: int) -> int:
+    """The original's ``split_inner_dim``: the rank's heads times the head size."""
+    return heads_of(num_heads, rank=rank, world_size=world_size) * (inner_dim // num_heads)
+
+
+def bert_config(model_config: transformers.BertConfig, devices) -> tp.Config:
+    """The original's built-in ``get_bert_config`` (its slicing_configs.py), as a user copies it."""
+    world_size = len(devices)
+    num_heads = model_config.num_attention_heads
+    head_dim = int(model_config.hidden_size / model_config.num_attention_heads)
+    return tp.Config(
+        state_rules={
+            # BertAttention
+            r".*self\.query\.(weight|bias)$": SplitInChunks(world_size=world_size, dim=0, chunk_size=head_dim),
+            r"self\.key\.(weight|bias)": SplitInChunks(world_size=world_size, dim=0, chunk_size=head_dim),
+            r"self\.value\.(weight|bias)": SplitInChunks(world_size=world_size, dim=0, chunk_size=head_dim),
+            r".*attention\.output\.dense\.weight$": SplitInChunks(world_size=world_size, dim=1, chunk_size=head_dim),
+            r".*attention\.output\.dense\.bias$": Scale(world_size=world_size),
+            # BertIntermediate
+            r".*intermediate\.dense\.(weight|bias)$": Split(world_size=world_size, dim=0),
+            # BertOutput
+            r".*[0-9]\.output\.dense\.weight$": Split(world_size=world_size, dim=1),
+            r".*[0-9]\.output\.dense\.bias$": Scale(world_size=world_size),
+            # BertEmbeddings
+            r".*word_embeddings\.weight$": Split(world_size=world_size, dim=1),
+            r".*position_embeddings\.weight$": Split(world_size=world_size, dim=1),
+            r".*token_type_embeddings\.weight$": Split(world_size=world_size, dim=1),
+        },
+        input_rules={},
+        output_rules={
+            r".*attention\.output\.dense$": {0: "sum"},
+            r".*[0-9]\.output\.dense$": {0: "sum"},
+            r".*word_embeddings$": {0: "gather -1"},
+            r".*position_embeddings$": {0: "gather -1"},
+            r".*token_type_embeddings$": {0: "gather -1"},
+        },
+        attr_rules={
+            r".*attention\.self$": {
+                "num_attention_heads": partial(heads_of, world_size=world_size),
+                "all_head_size": partial(inner_dim_of, num_heads=num_heads, world_size=world_size),
+            },
+        },
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_originals_bert_config(n):
+    """The original's own documented example of a Config, on its own test model (BertModel)."""
+    torch.manual_seed(0)
+    model_config = transformers.BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2,
+                                           num_attention_heads=6, intermediate_size=80)
+    reference = transformers.BertModel(model_config).eval()
+    devices = ["cpu"] * n
+    model = tp.TensorParallel(copy.deepcopy(reference), devices, tensor_parallel_config=bert_config(model_config, devices))
+    attention = model.plan["encoder.layer.0.attention"]
+    assert isinstance(attention, tp.AttentionParallel) and attention.q == "self.query" and attention.o == "output.dense"
+    assert attention.attributes == (("self.num_attention_heads", "heads"), ("self.all_head_size", "width"))
+    assert model.module_shards[-1].encoder.layer[0].attention.self.num_attention_heads == 6 // n
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 96]])
+    with tp.count_collectives() as stats:
+        out = model(ids)
+    assert dict(stats.calls) == {"all_gather": 3, "all_reduce": 4}  # 3 embeddings; 2 per layer
+    expected = reference(ids)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, "BERT hidden states")
+    assert_close(out.pooler_output, expected.pooler_output, "BERT pooled output")
+    (out.last_hidden_state.pow(2).mean() + out.pooler_output.pow(2).mean()).backward()
+    (expected.last_hidden_state.pow(2).mean() + expected.pooler_output.pow(2).mean()).backward()
+    assert_gradients_match(model, reference)
 
 
 def test_factory_returns_the_originals_types():

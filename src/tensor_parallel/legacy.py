@@ -494,6 +494,7 @@ class _Translation:
             if self.actions[path]["attr"] and path not in self.plan:
                 self._attention(path, module)
         self._check_sums()
+        self._drop_cache_rules()
         self._check_leftovers()
         self._check_cuts()
         return dict(self.plan)
@@ -569,32 +570,55 @@ class _Translation:
 
     def _attention(self, path: str, module: nn.Module) -> None:
         attrs = list(self.actions[path]["attr"].values())
-        inside = [p for p in self.plan if p.startswith(f"{path}.") or not path]
-        columns = [p for p in inside if isinstance(self.plan[p], ColwiseParallel)]
-        rows = [p for p in inside if isinstance(self.plan[p], RowwiseParallel)]
-        if len(rows) != 1 or len(columns) not in (1, 3) or any(self.plan[c].gather_output for c in columns):
+        home, columns, rows = self._attention_home(path)
+        if home is None:
             raise self.error(attrs[0].describe(), f"attribute rules are expressed for an attention block: a module "
-                             f"holding q, k and v (or one fused qkv) layers split by output features and one output "
-                             f"layer split by input features; '{path}' holds {len(columns)} and {len(rows)}")
+                             f"holding q, k and v (or one fused qkv) layers split by output features and, in it or "
+                             f"around it, one output layer split by input features; '{path}' holds {len(columns)} "
+                             f"and {len(rows)}")
+        prefix = path[len(home) + 1:] + "." if path != home else ""  # attributes of a child: "self.num_heads"
         last: str = ""
-        for style in self._attention_candidates(path, module, columns, rows[0]):
+        for style in self._attention_candidates(home, self.modules[home], columns, rows[0]):
             try:
-                attributes = tuple(self._attribute(module, a, style) for a in attrs)
+                attributes = tuple((prefix + name, quantity) for name, quantity in
+                                   (self._attribute(module, a, style) for a in attrs))
                 style = AttentionParallel(**{**_fields(style), "attributes": attributes})
-                style.check(module, path, self.world_size)
-                self._same_cuts(path, style.shard_specs(module, self.world_size))
+                style.check(self.modules[home], home, self.world_size)
+                self._same_cuts(home, style.shard_specs(self.modules[home], self.world_size))
             except ValueError as error:
                 last = str(error)
                 continue
             for child in columns + rows:
                 del self.plan[child]
-            self.plan[path] = style
+            self.plan[home] = style
             self.consumed.update((path, "attr", a.key) for a in attrs)
             self.consumed.update((path, "output", a.key) for a in self.actions[path]["output"].values()
                                  if a.key != 0 and a.parsed()[0] == "callable")
             return
-        raise self.error(attrs[0].describe(), f"no split of '{path}' into whole heads matches this Config "
+        raise self.error(attrs[0].describe(), f"no split of '{home}' into whole heads matches this Config "
                          f"({last or 'no head size fits its layers'})")
+
+    def _attention_home(self, path: str) -> tuple[str | None, list[str], list[str]]:
+        """The module to split as attention: ``path`` if it holds the q/k/v layers and the output
+        layer, else the nearest module around it that adds just the output layer (BERT keeps
+        ``attention.self`` and ``attention.output.dense`` side by side)."""
+        def split_inside(at: str) -> tuple[list[str], list[str]]:
+            inside = [p for p in self.plan if p.startswith(f"{at}.") or not at]
+            return ([p for p in inside if isinstance(self.plan[p], ColwiseParallel)],
+                    [p for p in inside if isinstance(self.plan[p], RowwiseParallel)])
+
+        columns, rows = split_inside(path)
+        if len(columns) not in (1, 3) or any(self.plan[c].gather_output for c in columns) or len(rows) > 1:
+            return None, columns, rows
+        parts = path.split(".") if path else []
+        for depth in range(len(parts), -1, -1):
+            at = ".".join(parts[:depth])
+            around_columns, around_rows = split_inside(at)
+            if around_columns != columns or len(around_rows) > 1:
+                break
+            if len(around_rows) == 1:
+                return at, columns, around_rows
+        return None, columns, rows
 
     def _same_cuts(self, path: str, specs: Mapping[str, Shard]) -> None:
         for name, shard in specs.items():
@@ -667,13 +691,16 @@ class _Translation:
     def _check_sums(self) -> None:
         for row, at in self._rows().items():
             self.consumed.add((at, "output", 0))
+
+    def _drop_cache_rules(self) -> None:
+        """The original handed KV caches between ranks with callables on the cache argument;
+        every rank here keeps its own cache of its heads."""
         for path in self.modules:
-            for table in ("input", "output"):
-                for action in self.actions[path][table].values():
-                    if action.parsed()[0] == "callable" and table == "input" and action.key in _CACHE_ARGUMENTS:
-                        logger.info("tensor_parallel_config: ignoring %s: every rank keeps its own KV cache",
-                                    action.describe())
-                        self.consumed.add((path, table, action.key))
+            for action in self.actions[path]["input"].values():
+                if action.key in _CACHE_ARGUMENTS and action.parsed()[0] == "callable":
+                    logger.info("tensor_parallel_config: dropping %s: every rank keeps its own KV cache",
+                                action.describe())
+                    self.consumed.add((path, "input", action.key))
 
     def _check_leftovers(self) -> None:
         for path in self.modules:

@@ -357,7 +357,8 @@ class AttentionParallel(Style):
     (query heads per key/value head), ``width`` (heads x head_dim), ``kv_width`` and
     ``qkv_width``.
 
-    An attribute named ``config.X`` is set on a private copy of the module's config.
+    An attribute named ``config.X`` is set on a private copy of the module's config, one named
+    ``child.X`` on the submodule ``child``.
     ``head_inputs`` names keyword inputs that carry one slice per head, as pairs of (name,
     form): ``"flat"`` for ``(batch * heads, ...)`` (BLOOM's ALiBi), ``"dim1"`` for
     ``(batch, heads, ...)`` (left alone when that dimension is 1); each rank gets its heads.
@@ -504,7 +505,10 @@ def _has_child(module: nn.Module, name: str) -> bool:
 
 
 def _set_attribute(module: nn.Module, name: str, value: int) -> None:
-    if name.startswith("config."):
+    owner, _, attribute = name.rpartition(".")
+    if owner and owner != "config" and _has_child(module, owner):  # "self.num_heads": a child's attribute
+        setattr(module.get_submodule(owner), attribute, value)
+    elif name.startswith("config."):
         if not getattr(module, "_tp_private_config", False):
             module.config = copy.copy(module.config)
             module._tp_private_config = True
