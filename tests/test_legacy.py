@@ -132,17 +132,6 @@ def test_distributed_true_without_torch_distributed_says_what_to_do():
         tp.make_distributed_shard(_mlp(), "cpu")
 
 
-def test_no_device_ids_and_no_gpu_runs_whole_as_the_original_did():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: device_ids=None means every GPU")
-    module = _mlp()
-    x = torch.randn(2, 16)
-    with pytest.warns(DeprecationWarning, match="runs whole on the CPU"):
-        model = tp.TensorParallel(copy.deepcopy(module), None)
-    assert model.devices == [torch.device("cpu")] and len(model.module_shards) == 1
-    assert_close(model(x), module(x), "the whole model on the CPU")
-
-
 # ----------------------------------------------------------------------------------------------
 # delay_init: shards built on the CPU, moved to their devices by the first call
 # ----------------------------------------------------------------------------------------------

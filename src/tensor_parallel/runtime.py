@@ -15,7 +15,6 @@ import logging
 import os
 import queue
 import threading
-import warnings
 import weakref
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -43,8 +42,7 @@ DeviceLike = int | str | torch.device
 
 
 def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]:
-    """Turn ``device_ids`` into devices: ints are CUDA ordinals, ``None`` is every visible GPU
-    (with none visible: one CPU device, and a DeprecationWarning).
+    """Turn ``device_ids`` into devices: ints are CUDA ordinals, ``None`` is every visible GPU.
 
     Example::
 
@@ -53,11 +51,9 @@ def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]
     """
     if device_ids is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:  # the original ran the module whole here; so do we, but say so
-            warnings.warn("device_ids=None means every visible CUDA device, but none is visible: the model "
-                          "runs whole on the CPU, as the original library did; pass device_ids, e.g. "
-                          "['cpu', 'cpu'], to split it on the CPU", DeprecationWarning, stacklevel=3)
-            return [torch.device("cpu")]
+        if count == 0:  # the original ran the module whole here, silently
+            raise ValueError("device_ids=None means every visible CUDA device, but none is visible; "
+                             "pass device_ids explicitly, e.g. ['cpu', 'cpu'] to split on the CPU")
         return [torch.device("cuda", i) for i in range(count)]
     if isinstance(device_ids, (str, int, torch.device)) or not isinstance(device_ids, Sequence):
         raise TypeError(f"device_ids must be a list of devices such as ['cuda:0', 'cuda:1'] or "
