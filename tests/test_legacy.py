@@ -612,6 +612,81 @@ def test_the_originals_bert_config(n):
     assert_gradients_match(model, reference)
 
 
+def gpt2_config(model_config: transformers.GPT2Config, devices) -> tp.Config:
+    """The original's built-in ``get_gpt2_config``, as a user copies it (its KV-cache helpers
+    written out: they are dropped, each rank keeps its own cache)."""
+    world_size = len(devices)
+    num_heads = model_config.num_attention_heads
+    head_dim = model_config.hidden_size // model_config.num_attention_heads
+    select_kv_for_rank = lambda kv, rank: kv  # noqa: E731
+    gather_kv_across_ranks = lambda *kvs: kvs  # noqa: E731
+    return tp.Config(
+        state_rules={
+            # GPT2Attention
+            r".*c_attn\.weight$": SplitInGroupedChunks(world_size=world_size, dim=1, num_groups=3, chunk_size=head_dim),
+            r".*c_attn\.bias$": SplitInGroupedChunks(world_size=world_size, dim=0, num_groups=3, chunk_size=head_dim),
+            r".*q_attn\.weight$": SplitInChunks(world_size=world_size, dim=1, chunk_size=head_dim),
+            r".*q_attn\.bias$": SplitInChunks(world_size=world_size, dim=0, chunk_size=head_dim),
+            r".*attn\.c_proj\.weight$": SplitInChunks(world_size=world_size, dim=0, chunk_size=head_dim),
+            r".*attn\.c_proj\.bias$": Scale(world_size=world_size),
+            # GPT2MLP
+            r".*c_fc\.weight$": Split(world_size=world_size, dim=1),
+            r".*c_fc\.bias$": Split(world_size=world_size, dim=0),
+            r".*mlp\.c_proj\.weight$": Split(world_size=world_size, dim=0),
+            r".*mlp\.c_proj\.bias$": Scale(world_size=world_size),
+            # GPT2Model
+            r".*wte\.weight$": Split(world_size=world_size, dim=1),
+            r".*wpe\.weight$": Split(world_size=world_size, dim=1),
+            r".*lm_head\.weight$": Split(world_size=world_size, dim=1),
+            # note: ^-- lm_head.weight is tied with word_embeddings
+        },
+        input_rules={
+            r".*[0-9]\.attn$": {"layer_past": select_kv_for_rank},
+            r".*lm_head$": {0: "split -1"},
+        },
+        output_rules={
+            r".*[0-9]\.attn$": {0: "sum", 1: gather_kv_across_ranks},
+            r".*mlp$": {0: "sum"},
+            r".*wte$": {0: "gather -1"},
+            r".*wpe$": {0: "gather -1"},
+            r".*lm_head$": {0: "sum"},
+        },
+        attr_rules={
+            r".*attn\.c_attn$": {"nf": partial(inner_dim_of, num_heads=num_heads, world_size=world_size)},
+            r".*attn\.q_attn$": {"nf": partial(inner_dim_of, num_heads=num_heads, world_size=world_size)},
+            r".*mlp\.c_fc$": {"nf": partial(heads_of, world_size=world_size)},
+            r".*[0-9]\.attn$": {
+                "embed_dim": partial(inner_dim_of, num_heads=num_heads, world_size=world_size),
+                "num_heads": partial(heads_of, world_size=world_size),
+                "split_size": partial(inner_dim_of, num_heads=num_heads, world_size=world_size),
+            },
+        },
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_originals_gpt2_config(n):
+    """The original's GPT-2 config (fused q|k|v in a Conv1D, tied LM head) on GPT2LMHeadModel."""
+    reference = build("gpt2", attn="eager")
+    devices = ["cpu"] * n
+    model = tp.tensor_parallel(copy.deepcopy(reference), devices, gpt2_config(reference.config, devices))
+    attention = model.plan["transformer.h.0.attn"]
+    assert isinstance(attention, tp.AttentionParallel) and attention.qkv == "c_attn" and attention.o == "c_proj"
+    assert dict(attention.attributes) == {"embed_dim": "width", "num_heads": "heads", "split_size": "width"}
+    assert model.plan["lm_head"] == tp.RowwiseParallel()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with tp.count_collectives() as stats, torch.no_grad():
+        model(ids)
+    assert dict(stats.calls) == {"all_gather": 2, "all_reduce": 5}  # wte, wpe; 2 per layer + the head
+    out, expected = model(ids, labels=ids), reference(ids, labels=ids)
+    assert_close(out.logits, expected.logits, "GPT-2 logits")
+    out.loss.backward()
+    expected.loss.backward()
+    assert_gradients_match(model.wrapped_model, reference)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                       reference.generate(ids, max_new_tokens=5, do_sample=False))
+
+
 def test_factory_returns_the_originals_types():
     """The original's test_factory: a module gives TensorParallel, a transformers model a PreTrainedModel."""
     model = tp.tensor_parallel(_mlp(), device_ids=["cpu", "cpu"], sharded=False)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import TensorInfo, TensorSource, split_tensors
-from .plan import Plan, resolve_plan
+from .plan import Plan, _is_transformers_model, resolve_plan
 from .split import Shard, assign_heads, even_shard, gather_tensor, layout_for
 from .styles import AttentionParallel, ColwiseParallel, EmbeddingParallel, RowwiseParallel, Style, linear_kind
 
@@ -491,8 +491,8 @@ class _Translation:
             elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 self._embedding(path, module)
         for path, module in self.modules.items():
-            if self.actions[path]["attr"] and path not in self.plan:
-                self._attention(path, module)
+            if any((path, "attr", key) not in self.consumed for key in self.actions[path]["attr"]):
+                self._attention(path, module)  # (a split layer's own size attribute is consumed already)
         self._check_sums()
         self._drop_cache_rules()
         self._check_leftovers()
@@ -521,7 +521,7 @@ class _Translation:
             self.plan[path] = RowwiseParallel(unit=unit)
             self._size_attributes(path, kind.in_attr, shard)
             kind_of_input, dim = self.actions[path]["input"][0].parsed() if 0 in self.actions[path]["input"] else ("", 0)
-            if kind_of_input == "split" and _same_dim(dim, kind.feature_dim):
+            if kind_of_input == "split" and dim == kind.feature_dim:
                 self.consumed.add((path, "input", 0))  # a replicated input: our row layer slices it itself
         else:
             raise self.error(self.rule_name(weight_key), f"'{path}' ({type(module).__name__}) is cut along dim "
@@ -545,7 +545,7 @@ class _Translation:
         gather = self.actions[path]["output"].get(0)
         if gather is None or gather.parsed()[0] != "gather":
             return False
-        if not _same_dim(gather.parsed()[1], feature_dim):
+        if gather.parsed()[1] != feature_dim:
             raise self.error(gather.describe(), f"'{path}' splits its output along dim {feature_dim}, so a gather "
                              f"must be along that dim")
         self.consumed.add((path, "output", 0))
@@ -756,10 +756,6 @@ def _head_quantities(style: AttentionParallel, world_size: int) -> dict[str, lis
             "qkv_width": [(len(q) + 2 * len(kv)) * d for q, kv in heads]}
 
 
-def _same_dim(dim: int | None, feature_dim: int) -> bool:
-    return dim == feature_dim or (feature_dim == -1 and dim == -1)
-
-
 def _is_sum(action: _Action | None) -> bool:
     return action is not None and action.parsed()[0] == "sum"
 
@@ -809,6 +805,8 @@ def config_to_plan(config: Config, module: nn.Module, world_size: int) -> Plan:
         raise TypeError(f"tensor_parallel_config must be a tp.Config, got {type(config).__name__}")
     if config.plan is not None:
         return dict(config.plan)
+    if _is_transformers_model(module):
+        from .hf import plans  # noqa: F401  (teaches the styles transformers' own linear layers)
     return _Translation(config, module, world_size).run()
 
 
