@@ -155,9 +155,11 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     if graph is not None:  # a layer the traced forward never calls is used some other way
         called = {node.target for node in graph.nodes if node.op == "call_module"}
         candidates = {path: sub for path, sub in candidates.items() if path in called}
-    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
-    plan: Plan = {}
+    plan: Plan = _flow_plan(module, candidates, example_inputs, world_size or 2)
+    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None and not plan else {}
     for path, sub in candidates.items():
+        if any(path == done or path.startswith(done + ".") or not done for done in plan):
+            continue
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
             plan[path] = EmbeddingParallel(dim=1)
         elif roles.get(path) == "col":
@@ -167,6 +169,21 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         else:
             plan[path] = ColwiseParallel(gather_output=True)
     return plan
+
+
+def _flow_plan(module: nn.Module, candidates: Mapping[str, nn.Module], example_inputs, world_size: int) -> Plan:
+    """The checked column -> row and attention regions one traced forward finds (empty
+    without example inputs, or when the module cannot run them)."""
+    if example_inputs is None:
+        return {}
+    from .autoplan import flow_plan
+
+    try:
+        return flow_plan(module, candidates, example_inputs, world_size, _splittable)
+    except Exception as error:  # planning is best effort: the always-correct plan remains
+        logger.info("tracing %s on its example inputs failed (%s: %s); layers are gathered",
+                    type(module).__name__, type(error).__name__, error)
+        return {}
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
