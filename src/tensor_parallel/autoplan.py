@@ -515,6 +515,7 @@ class Region:
     sinks: list[str]
     owner: str
     entries: dict[str, Style]
+    alternatives: list[dict[str, Style]] = dataclasses.field(default_factory=list)
 
 
 def _regions(prop: _Propagation) -> dict[int, tuple[list[str], list[str]]]:
@@ -543,9 +544,11 @@ def _relative(path: str, owner: str) -> str:
     return path[len(owner) + 1:] if owner else path
 
 
-def _entries(root: nn.Module, prop: _Propagation, region: int, sources: list[str],
+def _entries(root: nn.Module, flow: Flow, prop: _Propagation, region: int, sources: list[str],
              sinks: list[str]) -> Region:
     owner = _owner(sources + sinks, root)
+    while owner and owner not in flow.inputs:  # a container (ModuleDict) never called itself
+        owner = owner.rpartition(".")[0]
     if region not in prop.heads and region not in prop.fused:
         entries: dict[str, Style] = {_relative(p, owner): ColwiseParallel() for p in sources}
         entries.update({_relative(p, owner): RowwiseParallel() for p in sinks})
@@ -556,7 +559,10 @@ def _entries(root: nn.Module, prop: _Propagation, region: int, sources: list[str
     module = root.get_submodule(owner)
     outs = {p: _out_features(root.get_submodule(p)) for p in sources}
     style = _attention(module, owner, sources, sinks[0], outs, prop.fused.get(region), head_dim)
-    return Region(sources, sinks, owner, {"": style})
+    # forwards that reshape with full sizes of their own get them replaced inside the module
+    fallbacks = [dataclasses.replace(style, attributes=(), local_shapes=True),
+                 dataclasses.replace(style, local_shapes=True)]
+    return Region(sources, sinks, owner, {"": style}, [{"": f} for f in fallbacks if f != style])
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -737,7 +743,7 @@ def flow_plan(module: nn.Module, usable: Mapping[str, nn.Module], example_inputs
             reason = prop.failed.get(region) or (None if sinks else "no layer takes its split output")
             if reason is None:
                 try:
-                    regions.append(_entries(module, prop, region, sources, sinks))
+                    regions.append(_entries(module, flow, prop, region, sources, sinks))
                     continue
                 except _Failure as failure:
                     reason = str(failure)
@@ -745,6 +751,12 @@ def flow_plan(module: nn.Module, usable: Mapping[str, nn.Module], example_inputs
             rejected.update(sources)
         for region in regions:
             reason = _check(module, region, flow, prop.cuts, world_size, cache)
+            for entries in region.alternatives:
+                if reason is None:
+                    break
+                if _check(module, dataclasses.replace(region, entries=entries), flow, prop.cuts, world_size,
+                          cache) is None:
+                    region.entries, reason = entries, None
             if reason is not None:
                 logger.info("automatic plan: %s split as %s fails its check (%s); it is gathered "
                             "after each layer instead", region.owner or "<root>",
