@@ -310,7 +310,9 @@ class _Propagation:
         cut = self.cuts[cut_inputs[0]]
         shape = self.flow.shapes[cut_inputs[0]]
         feature_axis = len(shape) + kind.feature_dim if kind.feature_dim < 0 else kind.feature_dim
-        if cut.axis != feature_axis or cut.per_index != 1 or shape[cut.axis] != module.weight.shape[kind.in_dim]:
+        by_heads = self.find(cut.region) in {self.find(r) for r in self.heads}  # AttentionParallel aligns them
+        if cut.axis != feature_axis or (cut.per_index != 1 and not by_heads) or \
+                shape[cut.axis] != module.weight.shape[kind.in_dim]:
             raise _Failure(f"{step.path} gets its input split along axis {cut.axis}, not by features")
         if step.path in self.gathered:
             raise _Failure(f"{step.path} must not be split")
@@ -549,16 +551,17 @@ def _entries(root: nn.Module, flow: Flow, prop: _Propagation, region: int, sourc
     owner = _owner(sources + sinks, root)
     while owner and owner not in flow.inputs:  # a container (ModuleDict) never called itself
         owner = owner.rpartition(".")[0]
-    if region not in prop.heads and region not in prop.fused:
+    head_dim = next((d for r, d in prop.heads.items() if prop.find(r) == region), None)
+    fused = next((sizes for r, sizes in prop.fused.items() if prop.find(r) == region), None)
+    if head_dim is None and fused is None:
         entries: dict[str, Style] = {_relative(p, owner): ColwiseParallel() for p in sources}
         entries.update({_relative(p, owner): RowwiseParallel() for p in sinks})
         return Region(sources, sinks, owner, entries)
-    head_dim = prop.heads.get(region)
     if head_dim is None or len(sinks) != 1:
         raise _Failure("not an attention block with one output projection")
     module = root.get_submodule(owner)
     outs = {p: _out_features(root.get_submodule(p)) for p in sources}
-    style = _attention(module, owner, sources, sinks[0], outs, prop.fused.get(region), head_dim)
+    style = _attention(module, owner, sources, sinks[0], outs, fused, head_dim)
     # forwards that reshape with full sizes of their own get them replaced inside the module
     fallbacks = [dataclasses.replace(style, attributes=(), local_shapes=True),
                  dataclasses.replace(style, local_shapes=True)]
@@ -580,6 +583,11 @@ def _attention(module: nn.Module, owner: str, sources: list[str], sink: str, out
         return AttentionParallel(num_heads=heads, head_dim=head_dim, num_kv_heads=kv, q=None, k=None, v=None,
                                  o=o, qkv=names[sources[0]], layout="blocks",
                                  attributes=_head_attributes(module, heads, kv, head_dim))
+    if len(sources) == 1 and outs[sources[0]] % head_dim == 0 and head_dim % 3 == 0:
+        heads = outs[sources[0]] // head_dim  # q, k, v of head 0, then of head 1, ...
+        return AttentionParallel(num_heads=heads, head_dim=head_dim // 3, q=None, k=None, v=None, o=o,
+                                 qkv=names[sources[0]], layout="per_head",
+                                 attributes=_head_attributes(module, heads, heads, head_dim // 3))
     if len(sources) != 3 or any(size % head_dim for size in outs.values()):
         raise _Failure(f"attention with {len(sources)} projections, not q, k and v")
     order = sorted(sources, key=lambda p: -outs[p])
