@@ -106,3 +106,35 @@ def test_transformers_models_without_plans_reach_two_all_reduces_per_layer(name,
         calls = _collectives(split, ids)
     assert calls["all_reduce"] == 2 * model.config.num_hidden_layers, calls
     assert calls.get("all_gather", 0) <= 2, calls  # the embedding and the LM head, at most
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt_neox"])
+def test_meta_models_get_the_plan_of_real_ones(name):
+    """The seed flow builds on the meta device: the trace runs there, checks on random copies."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    real = build(name, attn="eager")
+    with init_empty_weights():
+        empty = transformers.AutoModelForCausalLM.from_config(real.config)
+    assert _generic(empty, 3) == _generic(real, 3)
+
+
+def test_tensor_parallel_takes_example_inputs_for_plain_modules():
+    torch.manual_seed(0)
+    model = GPT(n_head=4, n_embd=32)
+    ids = torch.randint(0, 64, (2, 9))
+    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu"] * 2, example_inputs=(ids[:1, :3],))
+    assert isinstance(split.plan["h.0.attn"], tp.AttentionParallel)
+    assert_close(split(ids), model(ids), "logits")
+
+
+def test_plan_command_prints_the_automatic_plan(capsys, tmp_path):
+    from tensor_parallel.cli import main
+
+    build("qwen2").config.save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path), "--devices", "3", "--automatic"]) == 0
+    out = capsys.readouterr().out
+    assert "AttentionParallel(" in out and "RowwiseParallel()" in out
+    # 2 layers: attention and MLP all-reduce once each; the embedding and LM head gather
+    assert "all_gather x2, all_reduce x4" in out

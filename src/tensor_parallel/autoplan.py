@@ -101,12 +101,30 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _reads_meta_values(func, args):
+            return _stand_in(func, args[0])
         out = func(*args, **kwargs)
         if not self.inside and _produces_tensors(out):
             self.record(_name(func), args, kwargs, out)
         elif not self.inside and _mutates(func) and args and isinstance(args[0], torch.Tensor):
             self.record(_name(func), args, kwargs, args[0])
         return out
+
+
+_VALUE_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
+
+
+def _reads_meta_values(func: Callable, args: tuple) -> bool:
+    """Values of meta tensors do not exist; code that asks for one (mask checks) gets a stand-in."""
+    return getattr(func, "__name__", "") in _VALUE_READS and bool(args) and \
+        isinstance(args[0], torch.Tensor) and args[0].device.type == "meta"
+
+
+def _stand_in(func: Callable, tensor: torch.Tensor) -> Any:
+    value: Any = True if tensor.dtype == torch.bool else 0.0 if tensor.is_floating_point() else 0
+    if func.__name__ == "tolist":
+        return torch.zeros(tensor.shape, dtype=tensor.dtype).tolist()
+    return {"__int__": int, "__float__": float, "__index__": int, "__bool__": bool}.get(func.__name__, lambda v: v)(value)
 
 
 def _name(func: Callable) -> str:

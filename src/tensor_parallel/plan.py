@@ -131,8 +131,11 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
     output reaches the next layer through elementwise work only; every other linear-like layer
     is split by output features and gathered right after. Layers that share a weight, or
-    whose weights the forward reads directly, are replicated. When fx cannot trace the module,
-    ``example_inputs`` (positional tuple or keyword dict) lets one real forward find those reads.
+    whose weights the forward reads directly, are replicated. With ``example_inputs``
+    (positional tuple or keyword dict; meta tensors on a meta model) one traced forward also
+    finds attention heads and pairs through reshapes and transposes, and every region it
+    splits is checked against the unsplit module (:mod:`tensor_parallel.autoplan`); without
+    them, ``torch.fx`` tracing finds the elementwise pairs.
     A transformers model gets its built-in or shipped plan unless ``builtin=False``.
 
     Example::

@@ -311,14 +311,14 @@ class TensorParallel(nn.Module):
 
     def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
                  plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
-                 timeout: float = 600.0, process_group: Any = None) -> None:
+                 timeout: float = 600.0, process_group: Any = None, example_inputs: Any = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
         placement = _placement(device_ids, process_group, timeout)
         world_size = placement.world_size
         if plan is None:
-            plan = plan_for(module, world_size)
+            plan = plan_for(module, world_size, example_inputs=example_inputs)
         self.plan = resolve_plan(module, plan, world_size)
         self.devices, self.shard_ranks, self.world_size = placement.devices, placement.ranks, world_size
         self.output_device = self.devices[0] if output_device is None else \
@@ -415,7 +415,9 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
 
     ``device_ids`` lists one device per shard (repeats allowed: ``["cpu", "cpu"]``); ``None``
     means every visible GPU. ``plan`` maps module-path patterns to styles; without one,
-    :func:`~tensor_parallel.plan.plan_for` derives one.
+    :func:`~tensor_parallel.plan.plan_for` derives one. ``example_inputs=`` (a tuple of
+    positional inputs or a dict of keyword inputs, small is best) lets it trace one forward
+    and split attention heads and every column -> row pair it finds, each checked.
 
     Example::
 
@@ -425,7 +427,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
         >>> model(torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    allowed = {"timeout", "process_group"}
+    allowed = {"timeout", "process_group", "example_inputs"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
