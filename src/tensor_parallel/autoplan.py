@@ -238,6 +238,7 @@ _ALIGNED = {"transpose", "permute", "swapaxes", "swapdims", "t", "movedim", "uns
 _REDUCE = {"softmax", "log_softmax", "mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm",
            "layer_norm", "rms_norm", "cumsum", "logsumexp", "prod", "argmax", "all", "any"}
 _SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
+_TEMPLATED = {"view_as", "reshape_as", "expand_as", "type_as"}
 _ATTENTION = {"scaled_dot_product_attention"}
 _MATMUL = {"matmul", "bmm", "matmul_", "rmatmul", "baddbmm"}
 
@@ -332,8 +333,6 @@ class _Propagation:
         if cut.axis != feature_axis or (cut.per_index != 1 and not by_heads) or \
                 shape[cut.axis] != module.weight.shape[kind.in_dim]:
             raise _Failure(f"{step.path} gets its input split along axis {cut.axis}, not by features")
-        if step.path in self.gathered:
-            raise _Failure(f"{step.path} must not be split")
         self.sinks.setdefault(self.find(cut.region), []).append(step.path)
 
     # operations ------------------------------------------------------------------------------
@@ -341,6 +340,10 @@ class _Propagation:
     def _op(self, step: Step, cut_inputs: list[int]) -> None:
         name = step.name
         shapes = self.flow.shapes
+        if name in _TEMPLATED and step.inputs[0] in self.cuts:  # the other tensor gives only a shape
+            cut_inputs = [step.inputs[0]]
+        elif name in ("min", "max") and len(step.inputs) == 2:  # the elementwise form
+            name = "maximum"
         cuts = [self.cuts[i] for i in cut_inputs]
         region = self.union([c.region for c in cuts])
         if name in _SPLITS:
@@ -369,7 +372,7 @@ class _Propagation:
             raise _Failure("split inputs along different axes")
         back = axis_from_end.pop()
         for other in step.inputs:
-            if other in self.cuts:
+            if other in self.cuts or step.name in _TEMPLATED:
                 continue
             shape = shapes[other]
             if len(shape) >= back and shape[len(shape) - back] != 1:
@@ -479,7 +482,8 @@ class _Propagation:
             if dim % (len(first) + 1) <= cut.axis:
                 return _Cut(region, cut.axis + 1, cut.per_index)
             return _Cut(region, cut.axis, cut.per_index)
-        if dim % len(first) == cut.axis or len(cut_inputs) != len(step.inputs):
+        whole = [i for i in step.inputs if i not in self.cuts and math.prod(self.flow.shapes[i])]  # empty: a new cache
+        if dim % len(first) == cut.axis or whole:
             raise _Failure("concatenates along the split axis or with whole tensors")
         return _Cut(region, cut.axis, cut.per_index)
 
@@ -571,8 +575,12 @@ def _entries(root: nn.Module, flow: Flow, prop: _Propagation, region: int, sourc
         owner = owner.rpartition(".")[0]
     head_dim = next((d for r, d in prop.heads.items() if prop.find(r) == region), None)
     fused = next((sizes for r, sizes in prop.fused.items() if prop.find(r) == region), None)
+    if head_dim is None and fused is not None and len(set(fused)) == 1:  # gate|up in one layer
+        entries: dict[str, Style] = {_relative(sources[0], owner): ColwiseParallel(parts=len(fused))}
+        entries.update({_relative(p, owner): RowwiseParallel() for p in sinks})
+        return Region(sources, sinks, owner, entries)
     if head_dim is None and fused is None:
-        entries: dict[str, Style] = {_relative(p, owner): ColwiseParallel() for p in sources}
+        entries = {_relative(p, owner): ColwiseParallel() for p in sources}
         entries.update({_relative(p, owner): RowwiseParallel() for p in sinks})
         return Region(sources, sinks, owner, entries)
     if head_dim is None or len(sinks) != 1:

@@ -128,6 +128,9 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
              example_inputs: Mapping[str, Any] | tuple | None = None, builtin: bool = True) -> Plan:
     """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
 
+    Embeddings are split when they have at least half the rows of the largest one: smaller
+    tables (positions, token types) stay whole, which saves their collective.
+
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
     output reaches the next layer through elementwise work only; every other linear-like layer
     is split by output features and gathered right after. Layers that share a weight, or
@@ -160,11 +163,14 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         candidates = {path: sub for path, sub in candidates.items() if path in called}
     plan: Plan = _flow_plan(module, candidates, example_inputs, world_size or 2)
     roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None and not plan else {}
+    rows = {path: sub.num_embeddings for path, sub in candidates.items()
+            if isinstance(sub, (nn.Embedding, nn.EmbeddingBag))}
     for path, sub in candidates.items():
         if any(path == done or path.startswith(done + ".") or not done for done in plan):
             continue
-        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
-            plan[path] = EmbeddingParallel(dim=1)
+        if path in rows:
+            if 2 * rows[path] >= max(rows.values()):  # small tables (positions, token types) stay whole
+                plan[path] = EmbeddingParallel(dim=1)
         elif roles.get(path) == "col":
             plan[path] = ColwiseParallel()
         elif roles.get(path) == "row":
