@@ -20,12 +20,13 @@ input shapes are checked once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
 from fractions import Fraction
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -185,7 +186,7 @@ def trace_flow(module: nn.Module, example_inputs: Mapping[str, Any] | tuple,
         handles.append(sub.register_forward_hook(after, with_kwargs=True))
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     try:
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]), recorder:
             out = module(*args, **kwargs)
     finally:
         for handle in handles:
@@ -193,6 +194,18 @@ def trace_flow(module: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     outputs = {recorder.ids[id(t)] for t in pytree.tree_leaves(_plain(out))
                if isinstance(t, torch.Tensor) and id(t) in recorder.ids}
     return Flow(recorder.steps, recorder.shapes, outputs, calls, inputs, returned)
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module) -> Iterator[None]:
+    """Buffers a probe forward updates (BatchNorm's running statistics) are put back after it."""
+    saved = [(b, b.detach().clone()) for b in module.buffers() if b.device.type != "meta"]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _plain(out: Any) -> Any:
@@ -689,7 +702,7 @@ def _compare(owner: nn.Module, entries: Mapping[str, Style], inputs: tuple[tuple
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        reference = _real_copy(owner)
+        reference = _real_copy(owner).eval()  # no dropout: both copies must see the same numbers
         args, kwargs = _real_inputs(inputs)
     try:
         with torch.no_grad():

@@ -161,6 +161,8 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     if graph is not None:  # a layer the traced forward never calls is used some other way
         called = {node.target for node in graph.nodes if node.op == "call_module"}
         candidates = {path: sub for path, sub in candidates.items() if path in called}
+    if example_inputs is None:
+        example_inputs = _guess_inputs(module)
     plan: Plan = _flow_plan(module, candidates, example_inputs, world_size or 2)
     roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None and not plan else {}
     rows = {path: sub.num_embeddings for path, sub in candidates.items()
@@ -193,6 +195,48 @@ def _flow_plan(module: nn.Module, candidates: Mapping[str, nn.Module], example_i
         logger.info("tracing %s on its example inputs failed (%s: %s); layers are gathered",
                     type(module).__name__, type(error).__name__, error)
         return {}
+
+
+def _guess_inputs(module: nn.Module) -> tuple | None:
+    """A small input for a forward with one required argument, from the first layer that has
+    a weight: token ids for an embedding, (2, 3, features) for a linear layer, a 16 x 16 image
+    for a convolution. None when that forward does not run on it."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = next((sub for sub in module.modules() if isinstance(sub._parameters.get("weight"), torch.Tensor)), None)
+    if len(required) != 1 or first is None:
+        return None
+    device = first.weight.device
+    dtype = first.weight.dtype if first.weight.is_floating_point() else torch.float32
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        guess = _guess(first, device, dtype)
+    if guess is None:
+        return None
+    from .autoplan import preserved_buffers
+
+    try:
+        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]):
+            module(guess)
+    except Exception:  # a guess the forward does not take: plan without it
+        return None
+    return (guess,)
+
+
+def _guess(first: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, min(first.num_embeddings, 8), (1, 4), device=device)
+    if isinstance(first, nn.Linear):
+        return torch.randn(2, 3, first.in_features, device=device, dtype=dtype)
+    if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        size = (first.in_channels,) + (16,) * (first.weight.dim() - 2)
+        return torch.randn(1, *size, device=device, dtype=dtype)
+    return None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -338,8 +382,10 @@ def _read_at_run_time(module: nn.Module, example_inputs) -> set[str]:
     enter = register_module_forward_pre_hook(push)
     leave = register_module_forward_hook(pop)
     reads = _ParameterReads(owners, running)
+    from .autoplan import preserved_buffers
+
     try:
-        with torch.no_grad(), reads:
+        with torch.no_grad(), preserved_buffers(module), reads:
             args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
             module(*args, **kwargs)
     except Exception as error:  # the probe is best effort: without it, no pairs are made
