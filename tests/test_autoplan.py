@@ -138,3 +138,24 @@ def test_plan_command_prints_the_automatic_plan(capsys, tmp_path):
     assert "AttentionParallel(" in out and "RowwiseParallel()" in out
     # 2 layers: attention and MLP all-reduce once each; the embedding and LM head gather
     assert "all_gather x2, all_reduce x4" in out
+
+
+def test_plain_modules_with_one_input_are_probed_without_example_inputs():
+    torch.manual_seed(0)
+    model = GPT()  # its first weight is an embedding: the probe is 4 token ids
+    plan = tp.plan_for(model, 3)
+    assert isinstance(plan["h.1.attn"], tp.AttentionParallel)
+    assert plan["h.1.mlp.c_proj"] == tp.RowwiseParallel()
+
+
+def test_planning_leaves_buffers_and_the_random_stream_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Dropout(0.5), nn.ReLU(), nn.Linear(12, 6))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    tp.plan_for(model, 2)
+    assert torch.equal(torch.rand(3), expected)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
