@@ -128,11 +128,17 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
              example_inputs: Mapping[str, Any] | tuple | None = None, builtin: bool = True) -> Plan:
     """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
 
+    Embeddings are split when they have at least half the rows of the largest one: smaller
+    tables (positions, token types) stay whole, which saves their collective.
+
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
     output reaches the next layer through elementwise work only; every other linear-like layer
     is split by output features and gathered right after. Layers that share a weight, or
-    whose weights the forward reads directly, are replicated. When fx cannot trace the module,
-    ``example_inputs`` (positional tuple or keyword dict) lets one real forward find those reads.
+    whose weights the forward reads directly, are replicated. With ``example_inputs``
+    (positional tuple or keyword dict; meta tensors on a meta model) one traced forward also
+    finds attention heads and pairs through reshapes and transposes, and every region it
+    splits is checked against the unsplit module (:mod:`tensor_parallel.autoplan`); without
+    them, ``torch.fx`` tracing finds the elementwise pairs.
     A transformers model gets its built-in or shipped plan unless ``builtin=False``.
 
     Example::
@@ -155,11 +161,18 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     if graph is not None:  # a layer the traced forward never calls is used some other way
         called = {node.target for node in graph.nodes if node.op == "call_module"}
         candidates = {path: sub for path, sub in candidates.items() if path in called}
-    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
-    plan: Plan = {}
+    if example_inputs is None:
+        example_inputs = _guess_inputs(module)
+    plan: Plan = _flow_plan(module, candidates, example_inputs, world_size or 2)
+    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None and not plan else {}
+    rows = {path: sub.num_embeddings for path, sub in candidates.items()
+            if isinstance(sub, (nn.Embedding, nn.EmbeddingBag))}
     for path, sub in candidates.items():
-        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
-            plan[path] = EmbeddingParallel(dim=1)
+        if any(path == done or path.startswith(done + ".") or not done for done in plan):
+            continue
+        if path in rows:
+            if 2 * rows[path] >= max(rows.values()):  # small tables (positions, token types) stay whole
+                plan[path] = EmbeddingParallel(dim=1)
         elif roles.get(path) == "col":
             plan[path] = ColwiseParallel()
         elif roles.get(path) == "row":
@@ -167,6 +180,63 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         else:
             plan[path] = ColwiseParallel(gather_output=True)
     return plan
+
+
+def _flow_plan(module: nn.Module, candidates: Mapping[str, nn.Module], example_inputs, world_size: int) -> Plan:
+    """The checked column -> row and attention regions one traced forward finds (empty
+    without example inputs, or when the module cannot run them)."""
+    if example_inputs is None:
+        return {}
+    from .autoplan import flow_plan
+
+    try:
+        return flow_plan(module, candidates, example_inputs, world_size, _splittable)
+    except Exception as error:  # planning is best effort: the always-correct plan remains
+        logger.info("tracing %s on its example inputs failed (%s: %s); layers are gathered",
+                    type(module).__name__, type(error).__name__, error)
+        return {}
+
+
+def _guess_inputs(module: nn.Module) -> tuple | None:
+    """A small input for a forward with one required argument, from the first layer that has
+    a weight: token ids for an embedding, (2, 3, features) for a linear layer, a 16 x 16 image
+    for a convolution. None when that forward does not run on it."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = next((sub for sub in module.modules() if isinstance(sub._parameters.get("weight"), torch.Tensor)), None)
+    if len(required) != 1 or first is None:
+        return None
+    device = first.weight.device
+    dtype = first.weight.dtype if first.weight.is_floating_point() else torch.float32
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        guess = _guess(first, device, dtype)
+    if guess is None:
+        return None
+    from .autoplan import preserved_buffers
+
+    try:
+        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]):
+            module(guess)
+    except Exception:  # a guess the forward does not take: plan without it
+        return None
+    return (guess,)
+
+
+def _guess(first: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, min(first.num_embeddings, 8), (1, 4), device=device)
+    if isinstance(first, nn.Linear):
+        return torch.randn(2, 3, first.in_features, device=device, dtype=dtype)
+    if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        size = (first.in_channels,) + (16,) * (first.weight.dim() - 2)
+        return torch.randn(1, *size, device=device, dtype=dtype)
+    return None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -312,8 +382,10 @@ def _read_at_run_time(module: nn.Module, example_inputs) -> set[str]:
     enter = register_module_forward_pre_hook(push)
     leave = register_module_forward_hook(pop)
     reads = _ParameterReads(owners, running)
+    from .autoplan import preserved_buffers
+
     try:
-        with torch.no_grad(), reads:
+        with torch.no_grad(), preserved_buffers(module), reads:
             args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
             module(*args, **kwargs)
     except Exception as error:  # the probe is best effort: without it, no pairs are made

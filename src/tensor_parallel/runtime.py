@@ -332,13 +332,15 @@ class TensorParallel(nn.Module):
                  output_device: DeviceLike | None = None, output_device_index: int | None = None,
                  tensor_parallel_config: Config | None = None, delay_init: bool = False, distributed: bool | None = True,
                  sharded: bool | None = None, sharded_param_names: Collection[str] | None = None, *,
-                 plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None) -> None:
+                 plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None,
+                 example_inputs: Any = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
         placement = _placement(device_ids, process_group, timeout, distributed)
         world_size = placement.world_size
-        self.plan = resolve_plan(module, _choose_plan(module, plan, tensor_parallel_config, world_size), world_size)
+        plan = _choose_plan(module, plan, tensor_parallel_config, world_size, example_inputs)
+        self.plan = resolve_plan(module, plan, world_size)
         self.devices, self.shard_ranks, self.world_size = placement.devices, placement.ranks, world_size
         self.output_device = _output_device(self.devices, output_device, output_device_index)
         build_on = [torch.device("cpu")] * len(placement.devices) if delay_init else placement.devices
@@ -491,10 +493,11 @@ def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return shard(*args, **kwargs)
 
 
-def _choose_plan(module: nn.Module, plan: Mapping[str, Style] | None, config: Config | None, world_size: int) -> Mapping[str, Style]:
+def _choose_plan(module: nn.Module, plan: Mapping[str, Style] | None, config: Config | None, world_size: int,
+                 example_inputs: Any = None) -> Mapping[str, Style]:
     """``plan``, or the plan a legacy ``Config`` translates to, or the default plan."""
     if config is None:
-        return plan_for(module, world_size) if plan is None else plan
+        return plan_for(module, world_size, example_inputs=example_inputs) if plan is None else plan
     if plan is not None:
         raise ValueError("pass either plan= (styles) or tensor_parallel_config= (a legacy tp.Config), not both")
     if not isinstance(config, Config):
@@ -534,7 +537,9 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     ``device_ids`` lists one device per shard (repeats allowed: ``["cpu", "cpu"]``); ``None``
     means every visible GPU, or this rank's device under torch.distributed. ``plan`` maps
     module-path patterns to styles; without one, :func:`~tensor_parallel.plan.plan_for`
-    derives one. A transformers model becomes a
+    derives one (``example_inputs=``, a tuple of positional inputs or a dict of keyword inputs,
+    small is best, lets it trace one forward and split attention heads and every column -> row
+    pair it finds, each checked). A transformers model becomes a
     :class:`~tensor_parallel.TensorParallelPreTrainedModel`.
 
     The other positional arguments are the original library's: ``tensor_parallel_config`` (a
@@ -542,7 +547,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     (``None``: one process per rank when torch.distributed is initialised; ``True`` requires
     it; ``False`` never), ``sharded`` and ``sharded_param_names`` (ZeRO-3 of the replicated
     parameters; off unless asked for). Keyword options: ``output_device``,
-    ``output_device_index``, ``delay_init``, ``timeout``, ``process_group``.
+    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``.
 
     Example::
 
@@ -552,7 +557,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
         >>> model(torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    allowed = {"timeout", "process_group", "output_device_index", "delay_init"}
+    allowed = {"timeout", "process_group", "output_device_index", "delay_init", "example_inputs"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
