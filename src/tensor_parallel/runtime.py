@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
-from .legacy import Config, allow_legacy_unpacking, config_to_plan
+from .legacy import Config, allow_legacy_unpacking
+from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
 from .split import build_shards, gather_tensor, relocate_shards
 from .styles import Style
