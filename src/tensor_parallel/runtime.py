@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import weakref
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -297,6 +297,10 @@ class TensorParallel(nn.Module):
     slices and, once per device, the replicated parameters, so an optimizer over
     ``model.parameters()`` steps the split model exactly as the unsharded one.
 
+    ``sharded=True`` stores the replicated parameters once, cut 1/N over the ranks, and
+    gathers them for use (ZeRO-3; see :func:`~tensor_parallel.sharding.shard_replicated`);
+    ``sharded_param_names`` limits that to the named parameters.
+
     Example::
 
         >>> import torch, tensor_parallel as tp
@@ -311,8 +315,11 @@ class TensorParallel(nn.Module):
 
     def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
                  plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
-                 timeout: float = 600.0, process_group: Any = None, example_inputs: Any = None) -> None:
+                 timeout: float = 600.0, process_group: Any = None, sharded: bool = False,
+                 sharded_param_names: Collection[str] | None = None, example_inputs: Any = None) -> None:
         super().__init__()
+        if sharded_param_names is not None and not sharded:
+            raise ValueError("sharded_param_names is given but sharded=False; pass sharded=True to shard them")
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
         placement = _placement(device_ids, process_group, timeout)
@@ -328,7 +335,12 @@ class TensorParallel(nn.Module):
         self.module_shards = nn.ModuleList(shards)
         self._runner = placement.runner
         self._comms = placement.comms
+        self.sharded_keys: set[str] = set()
         self.install_gradient_sums()
+        if sharded:
+            from .sharding import shard_replicated
+
+            shard_replicated(self, sharded_param_names)
         logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
                     type(module).__name__, world_size, placement.mode, len(self.plan))
 
@@ -410,6 +422,7 @@ def _is_hf_pretrained(module: nn.Module) -> bool:
 
 def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
                     plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
+                    sharded: bool = False, sharded_param_names: Collection[str] | None = None,
                     **options: Any) -> nn.Module:
     """Split ``module`` over ``device_ids`` and return a module that runs like it.
 
@@ -418,6 +431,8 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     :func:`~tensor_parallel.plan.plan_for` derives one. ``example_inputs=`` (a tuple of
     positional inputs or a dict of keyword inputs, small is best) lets it trace one forward
     and split attention heads and every column -> row pair it finds, each checked.
+    ``sharded=True`` stores the parameters the plan replicates once, cut over the devices
+    (ZeRO-3), for ``sharded_param_names`` only when given.
 
     Example::
 
@@ -434,7 +449,8 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
                         f"device_ids, plan, output_device and {sorted(allowed)}")
     if _is_hf_pretrained(module):
         from .hf import TensorParallelPreTrainedModel
-        return TensorParallelPreTrainedModel(module, device_ids, output_device=output_device,
-                                             plan=plan, **options)
-    return TensorParallel(module, device_ids, plan=plan, output_device=output_device, **options)
+        return TensorParallelPreTrainedModel(module, device_ids, output_device=output_device, plan=plan,
+                                             sharded=sharded, sharded_param_names=sharded_param_names, **options)
+    return TensorParallel(module, device_ids, plan=plan, output_device=output_device, sharded=sharded,
+                          sharded_param_names=sharded_param_names, **options)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -147,6 +148,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
                  output_device: DeviceLike | None = None, *, plan: Mapping[str, Style] | None = None,
+                 sharded: bool = False, sharded_param_names: Collection[str] | None = None,
                  **options: Any) -> None:
         if not isinstance(module, PreTrainedModel):
             raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
@@ -156,7 +158,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if plan is None:
             plan = plan_for_pretrained(module, world_size)
         self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
-                                            **options)
+                                            sharded=sharded, sharded_param_names=sharded_param_names, **options)
         self._adopt_generation_hooks(module)
         self._adopt_signature(module)
         if tied_embeddings(module):
@@ -269,6 +271,8 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if getattr(self, "generation_config", None) is not None:
             extra["generation_config.json"] = self.generation_config.to_json_string()
         metadata = {"tensor_parallel_world_size": str(len(self.devices))}
+        if self.wrapped_model.sharded_keys:  # their slices are ZeRO-3 pieces: say so for re-cutting
+            metadata["tensor_parallel_sharded"] = json.dumps(sorted(self.wrapped_model.sharded_keys))
         write_checkpoint(state, save_directory, max_shard_size=max_shard_size,
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
