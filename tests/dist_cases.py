@@ -132,6 +132,43 @@ def llama_gradient_checkpointing(rank: int, world_size: int):
     return float(out.loss)
 
 
+def sharded(rank: int, world_size: int, path: str):
+    """sharded=True under torch.distributed: an MLP (output, gradients, a step, collectives) and
+    GPT-2 built on meta and loaded from ``path`` (logits, loss gradients with checkpointing)."""
+    import transformers
+
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, sharded=True)
+    assert model.sharded_keys == {"2.bias", "3.weight", "3.bias"}
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    with tp.count_collectives() as stats:
+        out = model(x)
+        out.pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    assert_close(out, reference(x), f"rank {rank} output")
+    _check_grads(model, reference, rank)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert_close(model(x), reference(x), f"rank {rank} output after one step")
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    split = tp.from_pretrained(path, sharded=True)  # built on the meta device, then loaded
+    split.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    split.train()
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    got, want = split(ids, labels=ids), reference(ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} GPT-2 logits")
+    got.loss.backward()
+    want.loss.backward()
+    _check_grads(split.wrapped_model, reference, rank)
+    pieces = {key: split.module_shards[0].get_parameter(key).numel() for key in split.wrapped_model.sharded_keys}
+    return dict(stats.calls), pieces
+
+
 def legacy(rank: int, world_size: int):
     """The original's distributed=True and make_distributed_shard, with a custom Config."""
     import warnings

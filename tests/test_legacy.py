@@ -113,7 +113,7 @@ def test_arguments_in_the_originals_positions():
     (dict(output_device="cpu", output_device_index=0), "either output_device or output_device_index"),
     (dict(output_device_index=2), "output_device_index=2 must index the devices"),
     (dict(plan={}, tensor_parallel_config=tp.Config({}, {}, {}, {})), "either plan= .* or tensor_parallel_config="),
-    (dict(sharded=False, sharded_param_names=["3.weight"]), "sharded_param_names names the parameters"),
+    (dict(sharded=False, sharded_param_names=["3.weight"]), "sharded_param_names is given but sharded=False"),
 ])
 def test_conflicting_legacy_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -711,29 +711,72 @@ def test_a_hand_written_config_for_a_transformers_mlp():
 
 
 # ----------------------------------------------------------------------------------------------
-# ZeRO-3 (sharded=True, Sharded, apply_sharding): the arguments reach shard_replicated
+# ZeRO-3: sharded=, sharded_param_names=, Sharded, apply_sharding
 # ----------------------------------------------------------------------------------------------
 
 
-def test_sharded_is_off_unless_asked_for(monkeypatch):
-    import tensor_parallel.runtime as runtime
+def test_sharded_is_off_unless_asked_for():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    # sharded=None, the original's default: off, as its factory did (its classes said True)
+    assert tp.tensor_parallel(_mlp(), ["cpu", "cpu"]).sharded_keys == set()
+    assert tp.TensorParallel(_mlp(), ["cpu", "cpu"]).sharded_keys == set()
+    assert tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"]).wrapped_model.sharded_keys == set()
+    # tensor_parallel(module, device_ids, tensor_parallel_config, distributed, sharded)
+    model = tp.tensor_parallel(_mlp(), ["cpu", "cpu"], None, None, True)
+    assert model.sharded_keys == {"2.bias", "3.weight", "3.bias"}  # what the plan replicates
+    assert_close(model(x), _mlp()(x), "output with ZeRO-3")
+    # names alone mean sharded (the original's factory ignored them)
+    assert tp.TensorParallel(_mlp(), ["cpu", "cpu"], sharded_param_names=["3.weight"]).sharded_keys == {"3.weight"}
+    hf = tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"], sharded=True,
+                                          sharded_param_names=["model.norm.weight"])
+    assert hf.wrapped_model.sharded_keys == {"model.norm.weight"}
 
-    calls = []
-    monkeypatch.setattr(runtime.TensorParallel, "apply_sharding", lambda self, names=None: calls.append(names))
-    tp.tensor_parallel(_mlp(), ["cpu", "cpu"])  # sharded=None: off, as the original's factory did
-    tp.TensorParallel(_mlp(), ["cpu", "cpu"])
-    tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"])  # the seed flow needs it off
-    assert calls == []
-    tp.tensor_parallel(_mlp(), ["cpu", "cpu"], None, None, True)
-    tp.TensorParallel(_mlp(), ["cpu", "cpu"], sharded_param_names=["3.weight"])  # names imply sharded
-    tp.TensorParallelPreTrainedModel(build("llama"), ["cpu", "cpu"], sharded=True, sharded_param_names=["lm_head.weight"])
-    assert calls == [None, ["3.weight"], ["lm_head.weight"]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = tp.TensorParallel(_mlp(), ["cpu", "cpu"])
+
+def test_the_originals_legacy_test_with_sharded():
+    """tests/test_legacy.py of the original: split unsharded, then wrap in Sharded."""
+    reference = transformers.BertModel(build("bert").config).eval()
+    tp_model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"], sharded=False)
+    assert isinstance(tp_model, transformers.PreTrainedModel)
     with pytest.warns(DeprecationWarning, match="Sharded.* is deprecated"):
-        assert tp.Sharded(model, ["3.bias"]) is model
-    assert calls[-1] == ["3.bias"]
+        tp_model.wrapped_model = tp.Sharded(tp_model.wrapped_model)
+    assert tp_model.wrapped_model.sharded_keys  # the norms, biases and embeddings the plan replicates
+    ids = torch.zeros(1, 8, dtype=int)
+    with torch.no_grad():
+        assert_close(tp_model(ids).last_hidden_state, reference(ids).last_hidden_state, "BERT after Sharded")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_originals_saving_tests_with_zero3(n):
+    """tests/test_saving.py of the original: ``Config({}, {}, {}, {})`` is ZeRO-3 only, and
+    ``tensor_parallel(model, devices, sharded=True)``; both save the original state."""
+    reference = transformers.BertModel(build("bert").config).eval()
+    devices = ["cpu"] * n
+    with pytest.warns(DeprecationWarning, match="Sharded.* is deprecated"):
+        only_zero3 = tp.Sharded(tp.TensorParallel(copy.deepcopy(reference), devices,
+                                                  tensor_parallel_config=tp.Config({}, {}, {}, {})))
+    assert only_zero3.plan == {} and only_zero3.sharded_keys == set(dict(reference.named_parameters()))
+    both = tp.tensor_parallel(copy.deepcopy(reference), devices, sharded=True)
+    for model_tp in (only_zero3, both):
+        with tp.save_tensor_parallel(model_tp):
+            model_tp_state_dict = model_tp.state_dict()
+        assert sorted(model_tp_state_dict) == sorted(reference.state_dict())
+        for name, data in reference.state_dict().items():
+            assert torch.equal(data, model_tp_state_dict[name]), name  # gathered copies of the same numbers
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert_close(both(ids).last_hidden_state, reference(ids).last_hidden_state, "BERT, TP and ZeRO-3")
+
+
+def test_the_originals_encoder_test_with_sharded():
+    """tests/test_transformers.py::test_encoder of the original, sharded=True, plus delay_init."""
+    reference = build("t5")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    model_tp = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"], sharded=True, delay_init=True)
+    assert isinstance(model_tp, tp.TensorParallelPreTrainedModel) and model_tp.wrapped_model.sharded_keys
+    with torch.no_grad():
+        out = model_tp.get_encoder()(ids)
+        assert_close(out.last_hidden_state, reference.get_encoder()(ids).last_hidden_state, "encoder with ZeRO-3")
 
 
 def test_distributed_true_returns_the_module_and_uses_the_config():

@@ -14,6 +14,7 @@ from .legacy import Config, Sharded, StateAction, convert_state_dict, make_distr
 from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
 from .plan import Plan, expected_collectives, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
+from .sharding import parameters_by_device, shard_replicated
 from .split import Shard, split_sizes
 from .styles import (AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
                      Style, register_linear_kind)
@@ -43,6 +44,8 @@ __all__ = [
     "CollectiveStats",
     "CollectiveError",
     "Communicator",
+    "shard_replicated",
+    "parameters_by_device",
     "save_tensor_parallel",
     "infer_sharded_device_map",
     "parse_devices",

@@ -462,9 +462,13 @@ class Sharded(nn.Module):
 
     Example::
 
-        >>> import tensor_parallel as tp
-        >>> issubclass(tp.Sharded, object)
-        True
+        >>> import torch, warnings, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+        >>> model = tp.TensorParallel(mlp, ["cpu", "cpu"])
+        >>> with warnings.catch_warnings(record=True):
+        ...     sharded = tp.Sharded(model, ["1.weight"])
+        >>> sharded is model, sorted(model.sharded_keys)
+        (True, ['1.weight'])
     """
 
     def __new__(cls, module: nn.Module, sharded_param_names: Collection[str] | None = None) -> nn.Module:  # type: ignore[misc]

@@ -27,6 +27,7 @@ from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
 from .legacy import Config, allow_legacy_unpacking
 from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
+from .sharding import shard_replicated
 from .split import build_shards, gather_tensor, relocate_shards
 from .styles import Style
 
@@ -314,8 +315,11 @@ class TensorParallel(nn.Module):
     ``tensor_parallel_config`` is a legacy :class:`~tensor_parallel.Config`, translated into a
     plan; ``delay_init=True`` builds the shards on the CPU and moves each to its device at the
     first call; ``distributed=False`` keeps one thread per device even under torch.distributed;
-    ``sharded=True`` (or ``sharded_param_names``) also partitions the replicated parameters
-    (ZeRO-3). Our own options are keyword-only: ``plan``, ``timeout``, ``process_group``.
+    ``sharded=True`` (or ``sharded_param_names`` alone) stores the replicated parameters once,
+    cut 1/N over the ranks, and gathers them for use (ZeRO-3; see
+    :func:`~tensor_parallel.sharding.shard_replicated`); ``sharded_param_names`` limits that
+    to the named parameters. Our own options are keyword-only: ``plan``, ``timeout``,
+    ``process_group``, ``example_inputs``.
 
     Example::
 
@@ -336,6 +340,7 @@ class TensorParallel(nn.Module):
                  plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None,
                  example_inputs: Any = None) -> None:
         super().__init__()
+        sharded = _wants_sharding(sharded, sharded_param_names)
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
         placement = _placement(device_ids, process_group, timeout, distributed)
@@ -351,14 +356,12 @@ class TensorParallel(nn.Module):
         self.need_delayed_init = bool(delay_init)
         self._runner = placement.runner
         self._comms = placement.comms
+        self.sharded_keys: set[str] = set()
         self.install_gradient_sums()
+        if sharded:
+            self.apply_sharding(sharded_param_names)
         logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
                     type(module).__name__, world_size, placement.mode, len(self.plan))
-        if sharded or (sharded is None and sharded_param_names is not None):
-            self.apply_sharding(sharded_param_names)
-        elif sharded_param_names is not None:
-            raise ValueError("sharded_param_names names the parameters to shard with ZeRO-3, but sharded=False; "
-                             "pass sharded=True or leave sharded_param_names out")
 
     @property
     def tensor_parallel_config(self) -> Config:
@@ -391,12 +394,18 @@ class TensorParallel(nn.Module):
         set_unsharded_saving(self, not value)
 
     def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
-        """Partition the replicated parameters between the ranks (ZeRO-3): each rank keeps
-        a slice and they are gathered for each forward. ``sharded_param_names`` (state keys of
-        the original module) limits it to those; by default every replicated parameter.
-        """
-        from .sharding import shard_replicated
+        """Store the replicated parameters once, cut 1/N over the ranks, gathered for use
+        (ZeRO-3, :func:`~tensor_parallel.sharding.shard_replicated`); ``sharded_param_names``
+        (the original module's names) limits it to those. Calling it again shards what is left.
 
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+            >>> model = tp.TensorParallel(mlp, ["cpu", "cpu"])
+            >>> model.apply_sharding(["1.weight"]); sorted(model.sharded_keys)
+            ['1.weight']
+        """
         shard_replicated(self, sharded_param_names)
 
     @property
@@ -494,6 +503,16 @@ def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return shard(*args, **kwargs)
 
 
+def _wants_sharding(sharded: bool | None, names: Collection[str] | None) -> bool:
+    """ZeRO-3 or not. ``sharded=None``, the original's default, means off unless names are given
+    (its factory ignored the names then; here they mean what they say)."""
+    if sharded is None:
+        return names is not None
+    if names is not None and not sharded:
+        raise ValueError("sharded_param_names is given but sharded=False; pass sharded=True to shard them")
+    return bool(sharded)
+
+
 def _choose_plan(module: nn.Module, plan: Mapping[str, Style] | None, config: Config | None, world_size: int,
                  example_inputs: Any = None) -> Mapping[str, Style]:
     """``plan``, or the plan a legacy ``Config`` translates to, or the default plan."""
@@ -547,7 +566,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     legacy :class:`~tensor_parallel.Config`, translated into a plan), ``distributed``
     (``None``: one process per rank when torch.distributed is initialised; ``True`` requires
     it; ``False`` never), ``sharded`` and ``sharded_param_names`` (ZeRO-3 of the replicated
-    parameters; off unless asked for). Keyword options: ``output_device``,
+    parameters, see :func:`~tensor_parallel.sharding.shard_replicated`; off unless asked for). Keyword options: ``output_device``,
     ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``.
 
     Example::

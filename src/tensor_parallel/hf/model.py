@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -186,7 +187,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
         set_unsharded_saving(self, not value)
 
-    def apply_sharding(self, sharded_param_names: Any = None) -> None:
+    def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
         """ZeRO-3 of the replicated parameters (see :meth:`TensorParallel.apply_sharding`)."""
         self.wrapped_model.apply_sharding(sharded_param_names)
 
@@ -297,6 +298,8 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if getattr(self, "generation_config", None) is not None:
             extra["generation_config.json"] = self.generation_config.to_json_string()
         metadata = {"tensor_parallel_world_size": str(len(self.devices))}
+        if self.wrapped_model.sharded_keys:  # their slices are ZeRO-3 pieces: say so for re-cutting
+            metadata["tensor_parallel_sharded"] = json.dumps(sorted(self.wrapped_model.sharded_keys))
         write_checkpoint(state, save_directory, max_shard_size=max_shard_size,
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
