@@ -70,6 +70,13 @@ class Flow:
     calls: dict[str, int]
     inputs: dict[str, tuple[tuple, dict]]
     returned: dict[str, list[int | None]]
+    parameters_read: set[int]
+
+    def read_directly(self, module: nn.Module) -> set[str]:
+        """Layers recorded whole whose parameters some other operation also read."""
+        return {path for path, sub in module.named_modules()
+                if any(id(p) in self.parameters_read for p in sub.parameters(recurse=False))
+                and path in self.calls}
 
 
 class _Ref(int):
@@ -84,6 +91,7 @@ class _Recorder(TorchFunctionMode):
         self.steps: list[Step] = []
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.inside = 0  # > 0 while a layer recorded whole runs
+        self.parameters_read: set[int] = set()
 
     def ref(self, tensor: torch.Tensor, new: bool = False) -> int:
         key = id(tensor)
@@ -94,7 +102,10 @@ class _Recorder(TorchFunctionMode):
         return self.ids[key]
 
     def record(self, name: str, args: tuple, kwargs: dict, out: Any, path: str | None = None) -> None:
-        inputs = [self.ref(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if path is None:
+            self.parameters_read.update(id(t) for t in tensors if isinstance(t, nn.Parameter))
+        inputs = [self.ref(t) for t in tensors]
         outputs = [self.ref(t, new=True) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         args, kwargs = pytree.tree_map(lambda v: _Ref(self.ids[id(v)]) if isinstance(v, torch.Tensor) else v,
                                        (args, kwargs))
@@ -193,7 +204,7 @@ def trace_flow(module: nn.Module, example_inputs: Mapping[str, Any] | tuple,
             handle.remove()
     outputs = {recorder.ids[id(t)] for t in pytree.tree_leaves(_plain(out))
                if isinstance(t, torch.Tensor) and id(t) in recorder.ids}
-    return Flow(recorder.steps, recorder.shapes, outputs, calls, inputs, returned)
+    return Flow(recorder.steps, recorder.shapes, outputs, calls, inputs, returned, recorder.parameters_read)
 
 
 @contextlib.contextmanager
@@ -765,8 +776,7 @@ def _real_inputs(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def flow_plan(module: nn.Module, usable: Mapping[str, nn.Module], example_inputs: Mapping[str, Any] | tuple,
-              world_size: int, leaves: Callable[[nn.Module], bool]) -> dict[str, str | Style]:
+def flow_plan(module: nn.Module, usable: Mapping[str, nn.Module], flow: Flow, world_size: int) -> dict[str, Style]:
     """Roles for the layers in ``usable``: a style for those in checked column -> row regions
     (attention regions give one :class:`AttentionParallel` entry for their owner module).
 
@@ -776,10 +786,10 @@ def flow_plan(module: nn.Module, usable: Mapping[str, nn.Module], example_inputs
         >>> from tensor_parallel.styles import linear_kind
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 4))
         >>> usable = {p: m for p, m in mlp.named_modules() if isinstance(m, torch.nn.Linear)}
-        >>> flow_plan(mlp, usable, (torch.randn(2, 4),), 2, lambda m: linear_kind(m) is not None)
+        >>> flow = trace_flow(mlp, (torch.randn(2, 4),), lambda m: linear_kind(m) is not None)
+        >>> flow_plan(mlp, usable, flow, 2)
         {'0': ColwiseParallel(), '2': RowwiseParallel()}
     """
-    flow = trace_flow(module, example_inputs, leaves)
     usable = {p: m for p, m in usable.items() if flow.calls.get(p) == 1 and linear_kind(m) is not None}
     gathered: set[str] = set()
     cache: dict = {}

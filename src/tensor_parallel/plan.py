@@ -21,9 +21,6 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from .styles import (ColwiseParallel, EmbeddingParallel, RowwiseParallel, Style,
                      linear_kind)
@@ -154,17 +151,20 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         return plan_for_pretrained(module, world_size or 2)
     candidates = {path: sub for path, sub in module.named_modules()
                   if _splittable(sub) and not _inside_builtin(module, path)}
-    graph = _trace(module)
-    direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
+    flow = _trace_flow(module, example_inputs)
+    graph = _trace(module) if flow is None else None
+    direct = flow.read_directly(module) if flow is not None else _read_directly(graph)
     for path in _tied_modules(module) | direct:
         candidates.pop(path, None)
     if graph is not None:  # a layer the traced forward never calls is used some other way
         called = {node.target for node in graph.nodes if node.op == "call_module"}
         candidates = {path: sub for path, sub in candidates.items() if path in called}
-    if example_inputs is None:
-        example_inputs = _guess_inputs(module)
-    plan: Plan = _flow_plan(module, candidates, example_inputs, world_size or 2)
-    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None and not plan else {}
+    plan: Plan = {}
+    if flow is not None:
+        from .autoplan import flow_plan
+
+        plan = flow_plan(module, candidates, flow, world_size or 2)
+    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
     rows = {path: sub.num_embeddings for path, sub in candidates.items()
             if isinstance(sub, (nn.Embedding, nn.EmbeddingBag))}
     for path, sub in candidates.items():
@@ -182,25 +182,27 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
     return plan
 
 
-def _flow_plan(module: nn.Module, candidates: Mapping[str, nn.Module], example_inputs, world_size: int) -> Plan:
-    """The checked column -> row and attention regions one traced forward finds (empty
-    without example inputs, or when the module cannot run them)."""
-    if example_inputs is None:
-        return {}
-    from .autoplan import flow_plan
+def _trace_flow(module: nn.Module, example_inputs):
+    """One recorded forward on ``example_inputs``, or on a guessed input when there are none;
+    None when there is nothing to run or the forward fails."""
+    inputs = _guess_inputs(module) if example_inputs is None else example_inputs
+    if inputs is None:
+        return None
+    from .autoplan import trace_flow
 
     try:
-        return flow_plan(module, candidates, example_inputs, world_size, _splittable)
+        return trace_flow(module, inputs, _splittable)
     except Exception as error:  # planning is best effort: the always-correct plan remains
-        logger.info("tracing %s on its example inputs failed (%s: %s); layers are gathered",
-                    type(module).__name__, type(error).__name__, error)
-        return {}
+        if example_inputs is not None:
+            logger.info("running %s on its example inputs failed (%s: %s); layers are paired by fx "
+                        "tracing only", type(module).__name__, type(error).__name__, error)
+        return None
 
 
 def _guess_inputs(module: nn.Module) -> tuple | None:
     """A small input for a forward with one required argument, from the first layer that has
     a weight: token ids for an embedding, (2, 3, features) for a linear layer, a 16 x 16 image
-    for a convolution. None when that forward does not run on it."""
+    for a convolution; None for other forwards."""
     import inspect
 
     try:
@@ -216,16 +218,7 @@ def _guess_inputs(module: nn.Module) -> tuple | None:
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
         guess = _guess(first, device, dtype)
-    if guess is None:
-        return None
-    from .autoplan import preserved_buffers
-
-    try:
-        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]):
-            module(guess)
-    except Exception:  # a guess the forward does not take: plan without it
-        return None
-    return (guess,)
+    return None if guess is None else (guess,)
 
 
 def _guess(first: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -346,55 +339,6 @@ def _read_directly(graph: fx.Graph | None) -> set[str]:
     if graph is None:
         return set()
     return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
-
-
-class _ParameterReads(TorchFunctionMode):
-    """Records modules whose parameters an op reads while another module's forward runs."""
-
-    def __init__(self, owners: Mapping[int, str], running: list[str]) -> None:
-        super().__init__()
-        self.owners, self.running, self.foreign = owners, running, set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for value in pytree.tree_leaves((args, kwargs)):
-            owner = self.owners.get(id(value)) if isinstance(value, nn.Parameter) else None
-            if owner is not None and (not self.running or self.running[-1] != owner):
-                self.foreign.add(owner)
-        return func(*args, **kwargs)
-
-
-def _read_at_run_time(module: nn.Module, example_inputs) -> set[str]:
-    """Paths of modules whose weights are read outside their own forward, found by one real
-    forward on ``example_inputs``; nothing found without inputs or on the meta device."""
-    if example_inputs is None or any(p.device.type == "meta" for p in module.parameters()):
-        return set()
-    owners = {id(p): path for path, sub in module.named_modules() for p in sub.parameters(recurse=False)}
-    names = {id(sub): path for path, sub in module.named_modules()}
-    running: list[str] = []
-
-    def push(module: nn.Module, args) -> None:
-        running.append(names.get(id(module), "?"))
-
-    def pop(module: nn.Module, args, output) -> None:  # returns None: the output is kept
-        running.pop()
-
-    enter = register_module_forward_pre_hook(push)
-    leave = register_module_forward_hook(pop)
-    reads = _ParameterReads(owners, running)
-    from .autoplan import preserved_buffers
-
-    try:
-        with torch.no_grad(), preserved_buffers(module), reads:
-            args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
-            module(*args, **kwargs)
-    except Exception as error:  # the probe is best effort: without it, no pairs are made
-        logger.info("probe forward of %s failed (%s: %s)", type(module).__name__, type(error).__name__, error)
-        return {path for path in owners.values()}
-    finally:
-        enter.remove()
-        leave.remove()
-    return reads.foreign
 
 
 def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],
