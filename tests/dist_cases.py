@@ -218,3 +218,44 @@ def lora(rank: int, world_size: int, path: str):
     want.loss.backward()
     grads_match(model, reference)
     return got.loss.item()
+
+
+def legacy(rank: int, world_size: int):
+    """The original's distributed=True and make_distributed_shard, with a custom Config."""
+    import warnings
+
+    from tensor_parallel.state_actions import Scale, Split
+
+    config = tp.Config({r"^0\.(weight|bias)$": Split(world_size, 0), r"^2\.weight$": Split(world_size, 1),
+                        r"^2\.bias$": Scale(world_size)}, {}, {r"^2$": {0: "sum"}}, {})
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, ["cpu"], config, True)  # the original returned (shard, names) here
+    assert isinstance(model, tp.TensorParallel) and model.distributed
+    assert model.plan == {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}  # its Config is used
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shard, names = model  # old code that unpacks still runs
+    assert shard is model and names == {"0.weight", "0.bias", "2.weight"}
+    assert [w.category for w in caught] == [DeprecationWarning]
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    with tp.count_collectives() as stats:
+        out = model(x)
+    assert_close(out, reference(x), f"rank {rank} output with a legacy Config")
+    out.pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    _check_grads(model, reference, rank)
+    other = tp.make_distributed_shard(_mlp(), "cpu", config)
+    assert other.distributed and other.plan == model.plan
+    assert_close(other(x), _mlp()(x), f"rank {rank} output of make_distributed_shard")
+    threads = tp.tensor_parallel(_mlp(), ["cpu", "cpu"], config if world_size == 2 else None, False)
+    assert not threads.distributed and len(threads.module_shards) == 2  # distributed=False: threads here
+    assert_close(threads(x), _mlp()(x), f"rank {rank} output of the threads of distributed=False")
+    try:
+        tp.tensor_parallel(_mlp(), ["cpu", "cpu"], None, True)
+    except ValueError as error:
+        assert "device_ids must be None or this rank's one device" in str(error)
+    else:
+        raise AssertionError("distributed=True with two devices in one process was accepted")
+    return dict(stats.calls)

@@ -69,7 +69,10 @@ def test_only_the_named_parameters_and_clear_errors():
     with pytest.raises(ValueError, match="'1.weight': 'split by the plan'"):
         tp.shard_replicated(model, ["1.weight"])
     with pytest.raises(ValueError, match="pass sharded=True"):
-        tp.tensor_parallel(_model(), ["cpu", "cpu"], sharded_param_names=["4.weight"])
+        tp.tensor_parallel(_model(), ["cpu", "cpu"], sharded=False, sharded_param_names=["4.weight"])
+    # names alone ask for them (sharded=None, the original's default; see README, tests/test_legacy.py)
+    assert tp.tensor_parallel(_model(), ["cpu", "cpu"], plan=PLAN, sharded_param_names=["4.weight"]).sharded_keys \
+        == {"4.weight"}
     with pytest.raises(TypeError, match="collection of names"):
         tp.tensor_parallel(_model(), ["cpu", "cpu"], sharded=True, sharded_param_names="4.weight")
 

@@ -10,6 +10,7 @@ Example::
 """
 
 from .checkpoint import infer_sharded_device_map, save_tensor_parallel
+from .legacy import Config, Sharded, StateAction, convert_state_dict, make_distributed_shard
 from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
 from .plan import Plan, expected_collectives, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
@@ -52,6 +53,12 @@ __all__ = [
     "parse_devices",
     "TensorParallelPreTrainedModel",
     "from_pretrained",
+    # the original library's names (tensor_parallel 2.0.0): see tensor_parallel.legacy
+    "Config",
+    "StateAction",
+    "convert_state_dict",
+    "make_distributed_shard",
+    "Sharded",
 ]
 
 _HF_NAMES = {"TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan",

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .comm import Communicator
     from .styles import Style
 
-__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for"]
+__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for",
+           "relocate_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +340,40 @@ def stop_copying(module: nn.Module, name: str) -> None:
         if isinstance(copies, _RemoteCopies) and name in copies.names:
             copies.names.remove(name)
             copies.cached.pop(name, None)
+
+
+def relocate_shards(shards: Sequence[nn.Module], devices: Sequence[torch.device]) -> None:
+    """Move shards built elsewhere (``delay_init=True`` builds them on the CPU) to ``devices``,
+    one per shard, keeping what :func:`build_shards` guarantees: a Parameter that several ranks
+    hold (a replicated tensor) stays one object, living on the device of the first rank that
+    holds it, and ranks on other devices copy it in forward. Meta tensors stay on meta.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"], delay_init=True)
+        >>> relocate_shards(model.module_shards, [torch.device("cpu")] * 2)
+        >>> model.module_shards[1][0].weight.device
+        device(type='cpu')
+    """
+    home: dict[int, torch.device] = {}
+    for shard, device in zip(shards, devices):
+        moved: dict[int, torch.Tensor] = {}  # this rank's buffers: a tied buffer moves once
+        remote: dict[nn.Module, list[str]] = {}
+        for sub in shard.modules():
+            for name, param in sub._parameters.items():
+                if param is None or param.device.type == "meta":
+                    continue
+                if id(param) not in home:
+                    home[id(param)] = device
+                    param.data = param.data.to(device)
+                elif home[id(param)] != device:
+                    remote.setdefault(sub, []).append(name)
+            for name, buffer in sub._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    sub._buffers[name] = moved.setdefault(id(buffer), buffer.to(device))
+        for sub, names in remote.items():
+            _copy_in_forward(sub, names, device)
 
 
 def layout_for(module: nn.Module, plan: Mapping[str, "Style"], world_size: int) -> dict[str, Shard | None]:

@@ -16,12 +16,14 @@ import abc
 import copy
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .comm import Communicator
 from .split import Shard, assign_heads, even_shard
@@ -522,12 +524,18 @@ class AttentionParallel(Style):
     (query heads per key/value head), ``width`` (heads x head_dim), ``kv_width`` and
     ``qkv_width``.
 
-    An attribute named ``config.X`` is set on a private copy of the module's config.
+    An attribute named ``config.X`` is set on a private copy of the module's config, one named
+    ``child.X`` on the submodule ``child``.
     ``head_inputs`` names keyword inputs that carry one slice per head, as pairs of (name,
     form): ``"flat"`` for ``(batch * heads, ...)`` (BLOOM's ALiBi), ``"dim1"`` for
     ``(batch, heads, ...)`` (left alone when that dimension is 1); each rank gets its heads.
     ``head_tables`` names child embeddings with one column per head (T5's relative position
     bias), cut to the rank's heads.
+
+    ``local_shapes=True`` is for forwards that reshape with the full sizes they computed
+    themselves (``y.view(B, T, C)`` with ``C`` read from the input): inside the module, a
+    ``view``/``reshape`` whose shape does not fit and a ``split`` by a full width are given
+    the rank's head count or width instead.
 
     Projections are separate (``q``, ``k``, ``v``) or fused in one (``qkv``) with ``layout``
     ``"blocks"`` (all q, then all k, then all v: GPT-2, Phi-3), ``"per_head"`` (q, k, v of
@@ -554,6 +562,7 @@ class AttentionParallel(Style):
     attributes: tuple[tuple[str, str], ...] = ()
     head_inputs: tuple[tuple[str, str], ...] = ()
     head_tables: tuple[str, ...] = ()
+    local_shapes: bool = False
     collectives = ("all_reduce",)
 
     @property
@@ -651,6 +660,11 @@ class AttentionParallel(Style):
         for name in self.head_tables:
             if _has_child(module, name):
                 module.get_submodule(name).embedding_dim = len(q)
+        if self.local_shapes:
+            module._tp_local_sizes = {self.num_heads: len(q), self.kv_heads: len(kv),
+                                      self.num_heads * self.head_dim: values["width"],
+                                      self.kv_heads * self.head_dim: values["kv_width"]}
+            _convert_class(module, _LocalShapes)
         if self.head_inputs:
             module.register_forward_pre_hook(
                 functools.partial(_slice_head_inputs, self.head_inputs, self.num_heads, q), with_kwargs=True)
@@ -686,6 +700,51 @@ class _EnterParallel:
         self.stash.clear()
 
 
+class _LocalShapes(nn.Module):
+    """Runs the module's forward with full sizes in reshapes replaced by the rank's."""
+
+    def forward(self, *args, **kwargs):
+        with _LocalSizes(self._tp_local_sizes):
+            return super().forward(*args, **kwargs)
+
+
+class _LocalSizes(TorchFunctionMode):
+    def __init__(self, sizes: Mapping[int, int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("view", "reshape") and len(args) > 1 and isinstance(args[0], torch.Tensor):
+            shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+            if all(isinstance(d, int) for d in shape):
+                args = (args[0], _fitting_shape(args[0].numel(), list(shape), self.sizes))
+        elif name == "split" and len(args) > 1 and isinstance(args[1], int) and isinstance(args[0], torch.Tensor):
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            size, local = args[1], self.sizes.get(args[1])
+            if local and local != size and args[0].shape[dim] % local == 0:
+                args = (args[0], local, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _fitting_shape(numel: int, shape: list[int], sizes: Mapping[int, int]) -> list[int]:
+    """``shape``, or with one full size (the rightmost that works) replaced by the rank's."""
+    if _fits(numel, shape):
+        return shape
+    for i in reversed(range(len(shape))):
+        if shape[i] in sizes:
+            candidate = shape[:i] + [sizes[shape[i]]] + shape[i + 1:]
+            if _fits(numel, candidate):
+                return candidate
+    return shape
+
+
+def _fits(numel: int, shape: list[int]) -> bool:
+    known = math.prod(d for d in shape if d != -1)
+    return known == numel if -1 not in shape else known > 0 and numel % known == 0
+
+
 def _has_child(module: nn.Module, name: str) -> bool:
     try:
         module.get_submodule(name)
@@ -695,7 +754,10 @@ def _has_child(module: nn.Module, name: str) -> bool:
 
 
 def _set_attribute(module: nn.Module, name: str, value: int) -> None:
-    if name.startswith("config."):
+    owner, _, attribute = name.rpartition(".")
+    if owner and owner != "config" and _has_child(module, owner):  # "self.num_heads": a child's attribute
+        setattr(module.get_submodule(owner), attribute, value)
+    elif name.startswith("config."):
         if not getattr(module, "_tp_private_config", False):
             module.config = copy.copy(module.config)
             module._tp_private_config = True

@@ -16,9 +16,10 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
+from ..legacy import Config
 from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors, original_named_modules
 from ..styles import Style, linear_view
-from .plans import plan_for_pretrained, tied_embeddings
+from .plans import tied_embeddings
 
 __all__ = ["TensorParallelPreTrainedModel", "ShardedCache"]
 
@@ -147,23 +148,49 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         return True  # experts run inside the shards, with the wrapped model's implementation
 
     def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
-                 output_device: DeviceLike | None = None, *, plan: Mapping[str, Style] | None = None,
-                 sharded: bool = False, sharded_param_names: Collection[str] | None = None,
+                 output_device: DeviceLike | None = None, output_device_index: int | None = None,
+                 tensor_parallel_config: Config | None = None, *, plan: Mapping[str, Style] | None = None,
                  **options: Any) -> None:
+        """``options`` are :class:`~tensor_parallel.TensorParallel`'s: ``delay_init``,
+        ``distributed``, ``sharded``, ``sharded_param_names``, ``timeout``, ``process_group``."""
         if not isinstance(module, PreTrainedModel):
             raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
                             f"{type(module).__name__}; use tp.tensor_parallel() for other modules")
         super().__init__(copy.deepcopy(module.config))
-        world_size = _world_size(device_ids, options.get("process_group"))
-        if plan is None:
-            plan = plan_for_pretrained(module, world_size)
-        self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
-                                            sharded=sharded, sharded_param_names=sharded_param_names, **options)
+        # without a plan or a Config, TensorParallel picks plan_for_pretrained's plan for its world size
+        self.wrapped_model = TensorParallel(module, device_ids, output_device, output_device_index,
+                                            tensor_parallel_config, plan=plan, **options)
         self.register_load_state_dict_pre_hook(_cut_full_tensors)  # original keys load, cut per rank
         self._adopt_generation_hooks(module)
         self._adopt_signature(module)
         if tied_embeddings(module):
             self._tie_shards()
+
+    @property
+    def tensor_parallel_config(self) -> Config:
+        """The split as a legacy ``tp.Config`` (see :attr:`TensorParallel.tensor_parallel_config`)."""
+        return self.wrapped_model.tensor_parallel_config
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict`` (keys ``wrapped_model.module_shards.<rank>.<key>``);
+        tensors still on the meta device get their piece on their device."""
+        prefix = "wrapped_model."
+        if any(not k.startswith(prefix) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        inner = {k[len(prefix):]: v for k, v in state_dict.items()}
+        result = self.wrapped_model.load_state_dict(inner, strict=strict, assign=assign)
+        return type(result)([prefix + k for k in result.missing_keys], [prefix + k for k in result.unexpected_keys])
+
+    def set_preserve_shards_when_saving(self, value: bool) -> None:
+        """The original's switch: ``False`` makes ``state_dict()`` return the unsharded state
+        (what ``tp.save_tensor_parallel(model)`` does inside its block), ``True`` the split one."""
+        from ..checkpoint import set_unsharded_saving
+
+        set_unsharded_saving(self, not value)
+
+    def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
+        """ZeRO-3 of the replicated parameters (see :meth:`TensorParallel.apply_sharding`)."""
+        self.wrapped_model.apply_sharding(sharded_param_names)
 
     def _adopt_signature(self, module: PreTrainedModel) -> None:
         """``forward`` shows the wrapped model's signature: Trainer keeps only the dataset
@@ -345,17 +372,6 @@ def _fresh_copy(cache: Cache) -> Cache:
             if isinstance(value, (torch.Stream, torch.Event)) or type(value).__name__ in ("Stream", "Event"):
                 memo[id(value)] = value
     return copy.deepcopy(cache, memo)
-
-
-def _world_size(device_ids: Sequence[DeviceLike] | None, process_group: Any) -> int:
-    import torch.distributed as dist
-
-    group = process_group.get_group() if hasattr(process_group, "get_group") else process_group
-    if group is None and device_ids is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is not None:
-        return dist.get_world_size(group)
-    return len(device_ids) if device_ids is not None else max(torch.cuda.device_count(), 1)
 
 
 def _call(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
