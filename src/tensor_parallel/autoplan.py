@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .styles import AttentionParallel, ColwiseParallel, RowwiseParallel, Style, linear_kind, linear_view
+from .styles import AttentionParallel, ColwiseParallel, RowwiseParallel, Style, linear_view
 
 __all__ = ["flow_plan", "trace_flow"]
 
