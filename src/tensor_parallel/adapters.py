@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .split import Shard, _copy_in_forward, gather_tensor, refresh_copies
+from .split import Shard, _copy_in_forward, gather_tensor, _refresh_copies
 from .styles import (_ColumnParallel, _GatherOutput, _Parallel, _RowParallel, _convert_class, _convert_column,
                      _convert_row, _under, adapter_kind, column_cut, linear_kind, row_cut)
 
 if TYPE_CHECKING:
     from .runtime import TensorParallel
 
-__all__ = ["SplitLayers", "adopt_adapters"]
+__all__ = ["adopt_adapters"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _Entry:
         return self.branches is not None and tuple(adapter_kind(current).branches(current)) != self.branches
 
 
-class SplitLayers:
+class _SplitLayers:
     """Where each split layer of each shard sits, so that an adapter layer that replaced one,
     or a new adapter added to one, is noticed at the cost of one lookup per split layer."""
 
@@ -119,7 +119,7 @@ def _scratch_base(layer: nn.Module):
         yield
     finally:
         base._parameters.update(shared)
-        refresh_copies(base)  # the shared tensors changed under the copies made of them
+        _refresh_copies(base)  # the shared tensors changed under the copies made of them
 
 
 def adopt_adapters(split: "TensorParallel") -> None:

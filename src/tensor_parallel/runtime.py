@@ -29,7 +29,7 @@ from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
 from .legacy import Config, allow_legacy_unpacking
 from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
-from .adapters import SplitLayers
+from .adapters import _SplitLayers
 from .sharding import shard_replicated
 from .split import Shard, build_shards, gather_tensor, relocate_shards
 from .styles import Style
@@ -360,7 +360,7 @@ class TensorParallel(nn.Module):
         self._runner = placement.runner
         self._comms = placement.comms
         self.sharded_keys: set[str] = set()
-        self.split_layers = SplitLayers(shards)
+        self.split_layers = _SplitLayers(shards)
         self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
         self.register_load_state_dict_pre_hook(_cut_full_tensors)
         self.install_gradient_sums()
@@ -540,7 +540,7 @@ class TensorParallel(nn.Module):
         original module's names (rank 0's shard stands for it), so that savers that pick
         entries of ``state_dict()`` by module (peft's adapter saving) find them."""
         if self._unsharded_view:
-            yield from original_named_modules(self, self, memo, prefix, remove_duplicate)
+            yield from _original_named_modules(self, self, memo, prefix, remove_duplicate)
         else:
             yield from super().named_modules(memo, prefix, remove_duplicate)
 
@@ -548,7 +548,7 @@ class TensorParallel(nn.Module):
         return f"devices={[str(d) for d in self.devices]}"
 
 
-def original_named_modules(owner: nn.Module, split: TensorParallel, memo: set | None, prefix: str,
+def _original_named_modules(owner: nn.Module, split: TensorParallel, memo: set | None, prefix: str,
                            remove_duplicate: bool = True):
     """``owner`` (a split model, or the model holding one), then the original module's
     submodules by their original names (rank 0's copies stand for them)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 import torch
 from torch import nn
 
-from .split import Shard, _compact_copy, _RemoteCopies, even_shard, stop_copying
+from .split import Shard, _compact_copy, _RemoteCopies, even_shard, _stop_copying
 
 if TYPE_CHECKING:
     from .comm import Communicator
@@ -143,7 +143,7 @@ def _shard_group(split: "TensorParallel", keys: tuple[str, ...], holders) -> Non
                              requires_grad=whole.requires_grad)
         for module, name in holders[index].pop(id(whole)):
             module._parameters[name] = piece
-            stop_copying(module, name)
+            _stop_copying(module, name)
             _gather_hook(module, comm).pieces[name] = cut
     for key in keys:
         split.layout[key] = cut

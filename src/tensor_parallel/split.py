@@ -298,7 +298,7 @@ def _copy_in_forward(module: nn.Module, names: Sequence[str], device: torch.devi
 
 class _RemoteCopies:
     """The forward hooks of :func:`_copy_in_forward` and the names they swap (a list that
-    :func:`stop_copying` shortens when a parameter comes to live on this rank's device)."""
+    :func:`_stop_copying` shortens when a parameter comes to live on this rank's device)."""
 
     def __init__(self, names: list[str], device: torch.device) -> None:
         self.names, self.device = names, device
@@ -323,7 +323,7 @@ class _RemoteCopies:
         self.stash.clear()
 
 
-def refresh_copies(module: nn.Module) -> None:
+def _refresh_copies(module: nn.Module) -> None:
     """Drop the copies ``module``'s forward keeps of masters on another device (their values
     changed without a version bump, e.g. through ``.data``); the next forward copies anew."""
     for hook in module._forward_pre_hooks.values():
@@ -332,7 +332,7 @@ def refresh_copies(module: nn.Module) -> None:
             copies.cached.clear()
 
 
-def stop_copying(module: nn.Module, name: str) -> None:
+def _stop_copying(module: nn.Module, name: str) -> None:
     """``module``'s parameter ``name`` now lives on this rank's device: its forward no longer
     copies it from another device (no-op if it never did)."""
     for hook in module._forward_pre_hooks.values():

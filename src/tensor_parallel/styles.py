@@ -179,7 +179,14 @@ def register_adapter_kind(cls: type[nn.Module], kind: AdapterKind) -> None:
 
 
 def adapter_kind(module: nn.Module) -> AdapterKind | None:
-    """The :class:`AdapterKind` of ``module``, or None if it is no registered adapter layer."""
+    """The :class:`AdapterKind` of ``module``, or None if it is no registered adapter layer.
+
+    Example::
+
+        >>> import torch
+        >>> adapter_kind(torch.nn.Linear(2, 2)) is None
+        True
+    """
     own = type(module).__bases__[-1] if isinstance(module, _Parallel) else type(module)  # split: its class
     if own.__module__.startswith("peft."):
         import importlib
@@ -215,7 +222,14 @@ def _branches(module: nn.Module, adapter: AdapterKind | None) -> list[tuple[nn.M
 
 def column_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
     """Every tensor of ``module`` that a column split cuts by output features, positions
-    ``ranges`` of ``size``: the weight and bias, and the ``up`` layers of its adapters."""
+    ``ranges`` of ``size``: the weight and bias, and the ``up`` layers of its adapters.
+
+    Example::
+
+        >>> import torch
+        >>> sorted(column_cut(torch.nn.Linear(2, 4), 4, (((0, 2),), ((2, 4),))))
+        ['bias', 'weight']
+    """
     base, kind, adapter = linear_view(module)
     prefix = f"{adapter.base}." if adapter else ""
     specs = {f"{prefix}weight": Shard(kind.out_dim, size, ranges)}
@@ -230,7 +244,14 @@ def column_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
 
 def row_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
     """Every tensor of ``module`` that a row split cuts by input features, positions
-    ``ranges`` of ``size``: the weight, and the ``down`` layers of its adapters."""
+    ``ranges`` of ``size``: the weight, and the ``down`` layers of its adapters.
+
+    Example::
+
+        >>> import torch
+        >>> row_cut(torch.nn.Linear(4, 2), 4, (((0, 2),), ((2, 4),)))["weight"].dim
+        1
+    """
     _, kind, adapter = linear_view(module)
     prefix = f"{adapter.base}." if adapter else ""
     specs = {f"{prefix}weight": Shard(kind.in_dim, size, ranges)}

@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
 from ..legacy import Config
-from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors, original_named_modules
+from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors, _original_named_modules
 from ..styles import Style, linear_view
 from .plans import tied_embeddings
 
@@ -243,7 +243,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
         original model's names (rank 0's shard stands for it)."""
         if self.wrapped_model._unsharded_view:
-            yield from original_named_modules(self, self.wrapped_model, memo, prefix, remove_duplicate)
+            yield from _original_named_modules(self, self.wrapped_model, memo, prefix, remove_duplicate)
         else:
             yield from super().named_modules(memo, prefix, remove_duplicate)
 
