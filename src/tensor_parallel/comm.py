@@ -179,8 +179,10 @@ class Communicator(abc.ABC):
 
 def _sum_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum in rank order on ``device`` (fixed order: every device gets bit-identical sums)."""
-    total = tensors[0].to(device, copy=True)
-    for tensor in tensors[1:]:
+    if len(tensors) == 1:
+        return tensors[0].to(device, copy=True)
+    total = torch.add(tensors[0].to(device), tensors[1].to(device))  # one pass, a new tensor
+    for tensor in tensors[2:]:
         total.add_(tensor.to(device))
     return total
 
