@@ -18,7 +18,10 @@ import sys
 
 logger = logging.getLogger("benchmarks.run")
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("speed", "multiprocess", "loading", "coverage")
+#: name -> the module's arguments
+BENCHMARKS = {"speed": ["benchmarks.speed"], "multiprocess": ["benchmarks.multiprocess"],
+              "loading": ["benchmarks.loading"], "coverage": ["benchmarks.coverage"],
+              "coverage-generic": ["benchmarks.coverage", "--plans", "generic"]}
 
 # The original library's last working stack (shared/notes/anchors.md), in a venv of its own,
 # with our torch: torch 2.13 asks for setuptools>=77 only as metadata, while the original
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmarks {unknown}; choose among {', '.join(BENCHMARKS)}")
     failed = []
     for name in args.names or BENCHMARKS:
-        command = [sys.executable, "-m", f"benchmarks.{name}"]
+        command = [sys.executable, "-m", *BENCHMARKS[name]]
         if name == "speed":
             peer = ensure_peer_venv(args.peer_venv)
             command += ["--peer-venv", peer] if peer else []
