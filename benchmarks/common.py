@@ -194,11 +194,11 @@ def chart(text: str, path: str, *, marks: Mapping[str, float] | None = None) -> 
     height = max(len(p[2]) for p in panels) * 0.32 + 1.2
     figure, axes = pyplot.subplots((len(panels) + columns - 1) // columns, columns, squeeze=False,
                                    figsize=(7 * columns, height * ((len(panels) + columns - 1) // columns)))
+    title = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("# ")), "")
     for axis, (heading, header, labels, values) in zip(axes.flat, panels):
-        _panel(axis, heading, header, labels, values, marks or {})
+        _panel(axis, "" if heading == title else heading, header, labels, values, marks or {})
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
-    title = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("# ")), "")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
@@ -218,5 +218,7 @@ def _panel(axis, heading: str, header: str, labels: list[str], values: list[floa
     for key, value in marks.items():
         if key in header:
             axis.axvline(value, color="#c44e52", linestyle="--", linewidth=1)
-    axis.set_title(f"{heading[:50]}\n{header}" if heading else header, fontsize=9)
+    axis.set_title(f"{heading[:60]}\n{header}" if heading else header, fontsize=9)
     axis.margins(x=0.15)
+    if not any(values):
+        axis.set_xlim(0, 1)

@@ -257,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     python = os.path.join(args.peer_venv, "bin", "python") if args.peer_venv else None
     if python and not os.path.exists(python):
         parser.error(f"--peer-venv {args.peer_venv}: no bin/python there")
+    logger.info("speed ...")  # first: the timings, while the machine is as it was at the start
+    result = speed(python)
     logger.info("communication ...")
     comm = communication()
     specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}
     original_comm = run_peer(python, "comm", json.dumps(specs)) if python else None
-    logger.info("speed ...")
-    result = speed(python)
     command = " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)])
     data = {"communication": comm, "original_communication": original_comm, **result}
     write_report("speed", report(comm, original_comm, result, command), data=data, results=args.results,
