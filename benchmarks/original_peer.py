@@ -98,7 +98,8 @@ def comm(specs: dict) -> dict:
     for name, (config_class, kwargs, tokens) in specs.items():
         config_type = getattr(transformers, config_class, None)
         if config_type is None:
-            results[name] = {"error": f"transformers {transformers.__version__} has no {config_class}"}
+            results[name] = {"error": f"transformers {transformers.__version__} has no {config_class}",
+                             "absent": True}
             continue
         try:
             torch.manual_seed(0)
@@ -113,7 +114,7 @@ def comm(specs: dict) -> dict:
                 model(ids, **extra)
             results[name] = {"calls": dict(COUNTER.calls), "bytes": sum(COUNTER.bytes.values())}
         except Exception as error:  # reported in the table, as the original's failure
-            results[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+            results[name] = {"error": f"{type(error).__name__}: ...{str(error)[-300:]}"}
     return results
 
 

@@ -196,7 +196,8 @@ def comm_table(rows: dict, original: dict | None, speed_comm: dict, speed_origin
              "original: collectives | original: activations per layer |", "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         theirs = (original or {}).get(name, {"error": "not run"})
-        their_calls = _calls(theirs["calls"]) if "calls" in theirs else "fails" if original else "not run"
+        their_calls = (_calls(theirs["calls"]) if "calls" in theirs else "not run" if not original else
+                       "absent" if theirs.get("absent") else "fails")
         their_layer = f"{per_layer(theirs['bytes'], row):.2f}" if "bytes" in theirs else "n/a"
         lines.append(f"| {name} | {row['vocabulary_share']:.1%} | {_calls(row['calls'])} | {row['bytes'] / 1e6:.2f} | "
                      f"{per_layer(row['bytes'], row):.2f} | {row['floor']:.2f} | {their_calls} | {their_layer} |")
@@ -218,7 +219,8 @@ def report(comm: dict, original_comm: dict | None, result: dict, command: str) -
     lines += comm_table(comm, original_comm, result["comm"], speed_original)
     lines += ["", "Activations per layer: bytes / (layers x tokens x width x 4 bytes). The floor is Megatron's: 2 "
               "all-reduces of one activation per layer (T5: 3 per decoder layer). The original runs on transformers "
-              "4.33, which lacks the newer architectures; `fails` means it raised (see the JSON).", "",
+              "4.33: `absent` means that version has no such architecture, `fails` that the original raised (the error "
+              "is in speed.json).", "",
               "## Speed, 170M Llama, float32, 2 CPU devices in one process", "",
               "| run | forward, 128 tokens (s) | forward / unsharded | greedy decode, 32 tokens (s) | "
               "decode / unsharded |", "|---|---|---|---|---|"]
