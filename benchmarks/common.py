@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 logger = logging.getLogger("benchmarks")
@@ -118,11 +118,12 @@ def source_state() -> str:
 
 
 def write_report(name: str, text: str, *, data: Any = None, results: str = RESULTS,
-                 marks: Mapping[str, float] | None = None) -> dict[str, str]:
+                 marks: Mapping[str, float] | None = None, columns: Sequence[str] | None = None) -> dict[str, str]:
     """Write the report ``text`` (Markdown), a chart of its tables and ``data``; echo the text.
 
-    The machine's facts are appended to the text and stored with the data. ``marks`` draws a
-    dashed reference line in the chart of every column whose header contains the key (for
+    The machine's facts are appended to the text and stored with the data. The chart has one
+    panel per numeric column (only those whose header contains one of ``columns``, if given);
+    ``marks`` draws a dashed reference line in every panel whose header contains the key (for
     instance ``{"ratio": 1.0}``). Returns the written paths by kind.
     """
     facts = machine()
@@ -138,7 +139,7 @@ def write_report(name: str, text: str, *, data: Any = None, results: str = RESUL
             with open(f"{base}.{kind}", "w") as handle:
                 handle.write(content)
         paths[kind], paths[f"history_{kind}"] = f"{latest}.{kind}", f"{history}.{kind}"
-    if chart(text, f"{latest}.png", marks=marks):
+    if chart(text, f"{latest}.png", marks=marks, columns=columns):
         paths["png"] = f"{latest}.png"
     sys.stdout.write(text)
     logger.info("wrote %s", ", ".join(sorted(paths.values())))
@@ -169,15 +170,19 @@ def _number(cell: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def chart(text: str, path: str, *, marks: Mapping[str, float] | None = None) -> bool:
+def chart(text: str, path: str, *, marks: Mapping[str, float] | None = None,
+          columns: Sequence[str] | None = None) -> bool:
     """Draw every numeric column of every short table in ``text`` as a bar chart into ``path``
-    (one panel per column, rows labelled by the first column). False if nothing to draw."""
+    (one panel per column, rows labelled by the first column; only the columns whose header
+    contains one of ``columns``, if given). False if nothing to draw."""
     panels = []
     for table in tables(text):
         rows = table["rows"]
         if not rows or len(rows) > _MAX_CHART_ROWS:
             continue
         for column, header in enumerate(table["header"][1:], start=1):
+            if columns is not None and not any(key in header for key in columns):
+                continue
             values = [_number(row[column]) if column < len(row) else None for row in rows]
             if any(v is not None for v in values):
                 labels = [row[0].replace("`", "") for row in rows]
@@ -190,17 +195,17 @@ def chart(text: str, path: str, *, marks: Mapping[str, float] | None = None) -> 
     from matplotlib import pyplot
 
     panels = panels[:_MAX_PANELS]
-    columns = 2 if len(panels) > 1 else 1
-    height = max(len(p[2]) for p in panels) * 0.32 + 1.2
-    figure, axes = pyplot.subplots((len(panels) + columns - 1) // columns, columns, squeeze=False,
-                                   figsize=(7 * columns, height * ((len(panels) + columns - 1) // columns)))
+    width = 2 if len(panels) > 1 else 1
+    heights = [max(len(p[2]) for p in panels[i:i + width]) * 0.3 + 1.2 for i in range(0, len(panels), width)]
+    figure, axes = pyplot.subplots(len(heights), width, squeeze=False, figsize=(7 * width, sum(heights)),
+                                   gridspec_kw={"height_ratios": heights})
     title = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("# ")), "")
     for axis, (heading, header, labels, values) in zip(axes.flat, panels):
         _panel(axis, "" if heading == title else heading, header, labels, values, marks or {})
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(path, dpi=90)
     pyplot.close(figure)
     return True

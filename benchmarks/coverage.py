@@ -556,7 +556,8 @@ def summary(results: list[dict[str, Any]]) -> str:
 
 def write_reports(results: list[dict[str, Any]], meta: dict[str, str], folder: str) -> None:
     name = "coverage" if meta["plans"] == "auto" else f"coverage-{meta['plans']}"
-    write_report(name, render_markdown(results, meta), data={"meta": meta, "results": results}, results=folder)
+    write_report(name, render_markdown(results, meta), data={"meta": meta, "results": results}, results=folder,
+                 columns=("run unsharded", "correct"))
 
 
 # --------------------------------------------------------------------------------------------

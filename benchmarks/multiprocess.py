@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as error:
                 logger.error("%s", error)
     report = _report(results, "python -m benchmarks.multiprocess")
-    write_report("multiprocess", report, data=results, results=args.results, marks={"ratio": 1.0})
+    write_report("multiprocess", report, data=results, results=args.results, marks={"ratio": 1.0},
+                 columns=("ratio",))
     return 0
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 
 import torch
@@ -265,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     comm = communication()
     specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}
     original_comm = run_peer(python, "comm", json.dumps(specs)) if python else None
-    command = " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)])
+    command = "python -m benchmarks.speed" + (f" --peer-venv {os.path.relpath(args.peer_venv)}" if python else "")
     data = {"communication": comm, "original_communication": original_comm, **result}
     write_report("speed", report(comm, original_comm, result, command), data=data, results=args.results,
-                 marks={"unsharded": 1.0, "activations per layer": 2.0})
+                 marks={"unsharded": 1.0, "activations per layer": 2.0},
+                 columns=("activations per layer", "/ unsharded", "imbalance"))
     return 0
 
 

@@ -46,3 +46,5 @@ def test_report_writes_latest_files_a_chart_and_history(tmp_path):
 def test_no_chart_without_a_numeric_table(tmp_path):
     assert not chart("# nothing\n\n| a | b |\n|---|---|\n| x | y |\n", str(tmp_path / "c.png"))
     assert not os.path.exists(tmp_path / "c.png")
+    assert not chart(REPORT, str(tmp_path / "d.png"), columns=("memory",))  # no such column
+    assert chart(REPORT, str(tmp_path / "e.png"), columns=("ratio",))
