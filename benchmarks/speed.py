@@ -36,6 +36,7 @@ import transformers
 import tensor_parallel as tp
 from benchmarks.common import RESULTS, write_report
 from benchmarks.multiprocess import measure
+from tensor_parallel.hf.plans import vocabulary_share
 
 logger = logging.getLogger("benchmarks.speed")
 
@@ -109,13 +110,6 @@ def count(model, tokens: int = TOKENS) -> dict:
     with torch.no_grad(), tp.count_collectives() as stats:
         split(ids, **extra)
     return {"calls": dict(stats.calls), "bytes": stats.total_bytes, "plan": split.plan}
-
-
-def vocabulary_share(model) -> float:
-    """The embedding's and LM head's share of the parameters (a tied pair once)."""
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
-    vocabulary = embedding.numel() + (head.weight.numel() if head is not None and head.weight is not embedding else 0)
-    return vocabulary / sum(p.numel() for p in model.parameters())
 
 
 def communication() -> dict:

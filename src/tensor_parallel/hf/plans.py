@@ -86,9 +86,9 @@ _tied = tied_embeddings
 REPLICATE_VOCABULARY_BELOW = 0.10
 
 
-def vocabulary_share(module: nn.Module, embedding: str, head: str = "lm_head") -> float:
-    """The share of ``module``'s parameters held by the embedding and the LM head (a tied pair
-    counted once).
+def vocabulary_share(module: nn.Module, embedding: str | None = None, head: str | None = None) -> float:
+    """The share of ``module``'s parameters held by the embedding and the LM head (paths in
+    ``module``; default: its input and output embeddings), a tied pair counted once.
 
     Example::
 
@@ -96,14 +96,20 @@ def vocabulary_share(module: nn.Module, embedding: str, head: str = "lm_head") -
         >>> from tensor_parallel.hf.plans import vocabulary_share
         >>> config = transformers.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
         ...     num_hidden_layers=1, num_attention_heads=4)
-        >>> round(vocabulary_share(transformers.LlamaForCausalLM(config), "model.embed_tokens"), 2)
+        >>> round(vocabulary_share(transformers.LlamaForCausalLM(config)), 2)
         0.55
     """
     total = sum(p.numel() for p in module.parameters())
-    layers = [module.get_submodule(embedding)]
-    if isinstance(getattr(module, head, None), nn.Module) and not _tied(module):
-        layers.append(getattr(module, head))
-    vocabulary = sum(layer.weight.numel() for layer in layers if isinstance(getattr(layer, "weight", None), torch.Tensor))
+    embedding_module = module.get_submodule(embedding) if embedding else module.get_input_embeddings()
+    head_module = getattr(module, head, None) if head else module.get_output_embeddings()
+    weight = getattr(embedding_module, "weight", None)
+    vocabulary = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    head_weight = getattr(head_module, "weight", None)
+    if isinstance(head_weight, torch.Tensor) and head_weight is not weight:
+        if _tied(module):  # tied by the config, not yet in fact (under init_empty_weights)
+            total -= head_weight.numel()
+        else:
+            vocabulary += head_weight.numel()
     return vocabulary / total if total else 0.0
 
 
