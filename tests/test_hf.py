@@ -147,6 +147,17 @@ def test_plan_is_the_megatron_layout_with_a_large_vocabulary_split():
     assert plan["lm_head"] == tp.ColwiseParallel(gather_output=True)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
+def test_vocabulary_share_is_the_same_before_ties_are_made(name):
+    from accelerate import init_empty_weights
+
+    model = build(name)
+    with init_empty_weights():  # ties are not made there: the head is a second tensor
+        empty = type(model)(copy.deepcopy(model.config))
+    assert vocabulary_share(empty) == pytest.approx(vocabulary_share(model), rel=1e-12)  # the same counts
+    assert tp.plan_for(model, 2) == tp.plan_for(empty, 2)
+
+
 def _small_vocabulary(name):
     """4 layers with a wide MLP: the embedding and LM head hold 3% to 7% of the parameters,
     as in a 7B Llama (4%)."""
