@@ -10,10 +10,11 @@ Usage::
 
     python -m benchmarks.coverage                      # every type, the library's own plans
     python -m benchmarks.coverage --plans generic      # the generic default planner everywhere
-    python -m benchmarks.coverage --types llama,gpt2 --out /tmp/coverage.md
+    python -m benchmarks.coverage --types llama,gpt2 --results /tmp/coverage
 
-Writes a Markdown report (default ``benchmarks/results/coverage.md``) and the raw results as
-JSON next to it (``coverage.json``).
+Writes a Markdown report (``benchmarks/results/coverage.md``, or ``coverage-generic.md``), a
+chart of its summary table, and the raw results as JSON next to it, plus a copy of the report
+and the JSON in ``benchmarks/results/history/``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import logging
 import multiprocessing
 import shlex
-import subprocess
 import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -38,10 +36,10 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import tensor_parallel
+from benchmarks.common import RESULTS, source_state, write_report
 
 logger = logging.getLogger("benchmarks.coverage")
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "coverage.md"
 DEVICE_COUNTS = (2, 3)
 TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 30.0
@@ -526,11 +524,11 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
         f"float32; input ids ({BATCH}, {SEQ}); logits compared with atol = rtol = {ATOL:g}; "
         f"{TIMEOUT_S:.0f} s per type", "",
         f"**{totals_line(results)}**", "",
-        "| plan source | correct / run unsharded | of the correct: split no layer | at the floor |",
-        "|---|---|---|---|",
+        "| plan source | run unsharded | correct | of the correct: split no layer | at the floor |",
+        "|---|---|---|---|---|",
     ]
     for source, (correct, ran, nothing, floor) in by_plan_source(results).items():
-        lines.append(f"| {source} | {correct} / {ran} | {nothing} | {floor} |")
+        lines.append(f"| {source} | {ran} | {correct} | {nothing} | {floor} |")
     lines += ["", "Layers split: the plan's entries at 2 devices that are not `Replicate()`. Collectives: "
               "logical calls in one forward at 2 devices.", "",
               "| type | status | plan | layers split @2 | max diff @2 | max diff @3 | all_reduce @2 | "
@@ -571,32 +569,15 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(results: list[dict[str, Any]], meta: dict[str, str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(results, meta))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    logger.info("wrote %s and %s", out, out.with_suffix(".json"))
+def write_reports(results: list[dict[str, Any]], meta: dict[str, str], folder: str) -> None:
+    name = "coverage" if meta["plans"] == "auto" else f"coverage-{meta['plans']}"
+    write_report(name, render_markdown(results, meta), data={"meta": meta, "results": results}, results=folder,
+                 columns=("run unsharded", "correct"))
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-def source_state() -> str:
-    """The library's git commit, plus the files under src/ changed since (the sweep tests the
-    working tree, as imported when it starts)."""
-    root = Path(tensor_parallel.__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{commit} + uncommitted changes to {', '.join(changed)}" if changed else commit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -606,8 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the library's choice (built-in, tp_plan, generic); generic: "
                              "tensor_parallel.plan_for(model, builtin=False) for every model")
     parser.add_argument("--types", default=None, help="comma-separated model types (default: all)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="Markdown report path (the JSON goes next to it)")
+    parser.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
     return parser.parse_args(argv)
 
 
@@ -634,8 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     results = sweep(selected_types(args.types), args.plans)
     meta["wall_s"] = f"{time.monotonic() - start:.0f}"
-    write_reports(results, meta, args.out)
-    print(summary(results))
+    write_reports(results, meta, args.results)
+    logger.info("%s", summary(results))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Builds a ~0.6 GB Llama-architecture model from a config once, saves it (100 MB f
 * ``seed flow``: the seed document's ``init_empty_weights`` + ``load_checkpoint_in_model``;
 * ``tp.from_pretrained``: our one-call loader, reading each device's slice.
 
-Run: ``python -m benchmarks.loading`` (writes benchmarks/results/loading-<date>.md).
+Run: ``python -m benchmarks.loading`` (writes benchmarks/results/loading.md, .png, .json and a
+copy in benchmarks/results/history/).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import textwrap
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 
 logger = logging.getLogger("benchmarks.loading")
 
@@ -99,7 +99,6 @@ def _report(results: dict, largest: int, command: str) -> str:
     lines = [
         f"# Loading benchmark, {datetime.date.today()}",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
         f"Model: Llama architecture, {weights / mb:.0f} MB of float32 weights, largest tensor "
         f"{largest / mb:.0f} MB, saved in 100 MB files. Each way runs in a fresh process; peak RAM "
         f"is VmHWM minus the resident size after imports, after loading and again after a first "
@@ -121,7 +120,7 @@ def _report(results: dict, largest: int, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="report path (default benchmarks/results/loading-<date>.md)")
+    parser.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as folder:
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("measuring %s ...", way)
             results[way] = _measure(hf, split, way)
     report = _report(results, largest, "python -m benchmarks.loading")
-    write_report("loading", report, args.out)
+    write_report("loading", report, data=results, results=args.results)
     return 0
 
 

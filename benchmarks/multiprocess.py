@@ -7,7 +7,8 @@ The model is a Llama-architecture model of about 170M parameters built from a co
 128 tokens (median of 5 after a warm-up) and greedy decode time for 32 new tokens (median of 3).
 The two ranks of each TP run use one intra-op thread each; the unsharded model uses both cores.
 
-Run: ``python -m benchmarks.multiprocess`` (writes benchmarks/results/multiprocess-<date>.md).
+Run: ``python -m benchmarks.multiprocess`` (writes benchmarks/results/multiprocess.md,
+.png, .json and a copy in benchmarks/results/history/).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 
 logger = logging.getLogger("benchmarks.multiprocess")
 
@@ -108,7 +108,7 @@ def _report(results: dict, command: str) -> str:
     lines = [
         f"# Multi-process benchmark, {datetime.date.today()}",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only. Llama architecture, 170M "
+        f"Llama architecture, 170M "
         f"parameters, float32; 2 ranks with gloo under torchrun, one thread each; unsharded: one "
         f"process, {os.cpu_count()} threads.",
         "",
@@ -135,7 +135,7 @@ def _report(results: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "PATH", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="report path")
+    parser.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(*args.worker)
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as error:
                 logger.error("%s", error)
     report = _report(results, "python -m benchmarks.multiprocess")
-    write_report("multiprocess", report, args.out)
+    write_report("multiprocess", report, data=results, results=args.results, marks={"ratio": 1.0},
+                 columns=("ratio",))
     return 0
 
 

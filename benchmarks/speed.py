@@ -1,16 +1,22 @@
-"""Single-process speed and communication benchmark.
+"""Single-process speed, communication and memory, side by side with the unsharded model and
+the original tensor_parallel 2.0.0 (in its own venv, driven through a subprocess).
 
-1. Communication: for every built-in plan, the collectives of one forward (batch 1, 16 tokens,
-   2 devices, 4 layers, width 256) and the bytes they move per layer, in units of one hidden
-   activation (the Megatron floor is 2.0 per layer, plus the embedding and the logits).
+1. Communication: for every built-in plan, the collectives of one forward of 128 tokens over 2
+   devices and the bytes they move, in activations (batch x tokens x width x 4 bytes) per
+   layer, against the Megatron floor (2 per layer; T5's decoder layers add cross-attention: 3).
+   The models have a 7B model's proportions (embedding and LM head under 10% of the
+   parameters; width 256, 8 layers, vocabulary 1000); the last row is the speed model below,
+   whose vocabulary is 38% of it.
 2. Speed: a Llama-architecture model of about 170M parameters (hidden 1024, 8 layers, 16 heads,
    vocabulary 32000, float32): forward latency for 128 tokens and greedy decode time for 32 new
-   tokens, split over 2 CPU devices in one process, as ratios to the unsharded model measured in
-   the same run; and the original tensor_parallel 2.0.0 when its venv exists (``--peer-venv``,
-   set up as shared/notes/anchors.md says), driven through a subprocess since the names clash.
-3. Memory per device after splitting, and the imbalance between devices.
+   tokens, split over 2 CPU devices in one process, as ratios to the unsharded model and to
+   the original, measured in one run: unsharded, ours, the original, ours again, unsharded
+   again; each contender's best run counts (noise on a shared machine only adds time).
+3. Memory per device after splitting: bytes of parameters and buffers, and the imbalance
+   (largest / mean).
 
-Run: ``python -m benchmarks.speed`` (writes benchmarks/results/speed-<date>.md).
+Run: ``python -m benchmarks.speed [--peer-venv V]`` (V: the original library's venv, which
+``python -m benchmarks.run speed`` creates when missing).
 """
 
 from __future__ import annotations
@@ -21,153 +27,242 @@ import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import tempfile
-import textwrap
 
 import torch
 import transformers
 
 import tensor_parallel as tp
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 from benchmarks.multiprocess import measure
+from tensor_parallel.hf.plans import vocabulary_share
 
 logger = logging.getLogger("benchmarks.speed")
 
-_SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8)
-ARCHITECTURES = {
-    "llama": lambda: transformers.LlamaConfig(**_SMALL, num_key_value_heads=4),
-    "mistral": lambda: transformers.MistralConfig(**_SMALL, num_key_value_heads=4),
-    "qwen2": lambda: transformers.Qwen2Config(**_SMALL, num_key_value_heads=4),
-    "gemma": lambda: transformers.GemmaConfig(**_SMALL, num_key_value_heads=4, head_dim=32),
-    "phi3": lambda: transformers.Phi3Config(**_SMALL, num_key_value_heads=4, pad_token_id=0),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=8),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(**_SMALL),
-    "gptj": lambda: transformers.GPTJConfig(vocab_size=1000, n_embd=256, n_layer=4, n_head=8, rotary_dim=16),
-    "opt": lambda: transformers.OPTConfig(vocab_size=1000, hidden_size=256, ffn_dim=512, num_hidden_layers=4,
-                                          num_attention_heads=8, word_embed_proj_dim=256),
-    "bloom": lambda: transformers.BloomConfig(vocab_size=1000, hidden_size=256, n_layer=4, n_head=8),
-    "falcon": lambda: transformers.FalconConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
-                                                num_attention_heads=8),
+TOKENS = 128
+VOCAB = 1000
+_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "original_peer.py")
+
+_LLAMA = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8)
+_WIDE = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=8, num_attention_heads=8)
+#: model type -> (config class, its arguments): one model per built-in plan, as data, so that
+#: the original library's venv (transformers 4.33) builds the same models
+MODELS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_LLAMA, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(_LLAMA, num_key_value_heads=4)),
+    "mixtral": ("MixtralConfig", dict(_LLAMA, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", dict(_LLAMA, num_key_value_heads=4)),
+    "qwen3": ("Qwen3Config", dict(_LLAMA, num_key_value_heads=4, head_dim=32)),
+    "gemma": ("GemmaConfig", dict(_LLAMA, num_key_value_heads=4, head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(_LLAMA, num_key_value_heads=4, head_dim=32)),
+    "phi3": ("Phi3Config", dict(_LLAMA, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=256, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict(_WIDE, intermediate_size=1024)),
+    "gptj": ("GPTJConfig", dict(vocab_size=VOCAB, n_embd=256, n_layer=8, n_head=8, rotary_dim=16)),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=256, ffn_dim=1024, num_hidden_layers=8,
+                              num_attention_heads=8, word_embed_proj_dim=256)),
+    "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=256, n_layer=8, n_head=8)),
+    "falcon": ("FalconConfig", dict(_WIDE)),
+    "t5": ("T5Config", dict(vocab_size=VOCAB, d_model=256, d_kv=32, d_ff=1024, num_layers=8, num_heads=8,
+                            decoder_start_token_id=0)),
+    "bert": ("BertConfig", dict(_WIDE, intermediate_size=1024)),
+    "roberta": ("RobertaConfig", dict(_WIDE, intermediate_size=1024)),
 }
+SPEED_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                   num_attention_heads=16, num_key_value_heads=16)
 
 
-def communication() -> list[dict]:
-    """Collectives and bytes per layer of one forward, for each built-in plan."""
-    rows = []
-    for name, make in ARCHITECTURES.items():
-        torch.manual_seed(0)
-        config = make()
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        split = tp.tensor_parallel(model, ["cpu", "cpu"])
-        ids = torch.randint(3, 1000, (1, 16))
-        with torch.no_grad(), tp.count_collectives() as stats:
-            split(ids)
-        hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
-        activation = 16 * hidden * 4
-        layer_bytes = sum(torch.Size(shape).numel() * 4 for kind, shape, _ in stats.log
-                          if kind == "all_reduce" and shape[-1] == hidden and len(shape) == 3)
-        layers = config.num_hidden_layers
-        rows.append({"model": name, "calls": dict(stats.calls), "layer_activations": layer_bytes / (layers * activation),
-                     "all_activations": stats.total_bytes / (layers * activation)})
+# --------------------------------------------------------------------------------------------
+# Communication
+# --------------------------------------------------------------------------------------------
+
+
+def build(name: str) -> transformers.PreTrainedModel:
+    config_class, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    auto = (transformers.AutoModelForSeq2SeqLM if name == "t5" else
+            transformers.AutoModelForMaskedLM if name in ("bert", "roberta") else transformers.AutoModelForCausalLM)
+    return auto.from_config(getattr(transformers, config_class)(**kwargs)).eval()
+
+
+def shape(model) -> dict:
+    """Width, layers and the Megatron floor in activations per layer."""
+    config = model.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model
+    if config.is_encoder_decoder:
+        encoder, decoder = config.num_layers, config.num_decoder_layers
+        return {"width": width, "layers": encoder + decoder, "floor": (2 * encoder + 3 * decoder) / (encoder + decoder)}
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return {"width": width, "layers": layers, "floor": 2.0}
+
+
+def per_layer(total_bytes: int, facts: dict, tokens: int = TOKENS) -> float:
+    """Bytes in activations (tokens x width x 4 bytes) per layer."""
+    return total_bytes / (facts["layers"] * tokens * facts["width"] * 4)
+
+
+def count(model, tokens: int = TOKENS) -> dict:
+    """Collectives of one forward of ``tokens`` tokens over 2 CPU devices."""
+    split = tp.tensor_parallel(model, ["cpu", "cpu"])
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens))
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    with torch.no_grad(), tp.count_collectives() as stats:
+        split(ids, **extra)
+    return {"calls": dict(stats.calls), "bytes": stats.total_bytes, "plan": split.plan}
+
+
+def communication() -> dict:
+    rows = {}
+    for name in MODELS:
+        model = build(name)
+        rows[name] = {**shape(model), **count(model), "vocabulary_share": vocabulary_share(model)}
+        del rows[name]["plan"]
     return rows
 
 
-_PEER = textwrap.dedent("""
-    import json, sys, time, statistics, torch, transformers
-    import tensor_parallel as tp  # the original library, in its own venv
-    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-    model = tp.tensor_parallel(model, ["cpu", "cpu"], sharded=False).eval()
-    torch.manual_seed(0)
-    prompt = torch.randint(3, 32000, (1, 128)); short = prompt[:, :8]
-    with torch.no_grad():
-        model(prompt)
-        f = []
-        for _ in range(5):
-            t = time.perf_counter(); model(prompt); f.append(time.perf_counter() - t)
-        model.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        d = []
-        for _ in range(3):
-            t = time.perf_counter(); model.generate(short, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-            d.append(time.perf_counter() - t)
-    print(json.dumps({"forward_128": statistics.median(f), "decode_32": statistics.median(d)}))
-""")
+# --------------------------------------------------------------------------------------------
+# Speed and memory
+# --------------------------------------------------------------------------------------------
 
 
-def speed(peer_venv: str | None) -> dict:
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16)
-    torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(config).eval()
-    results = {"unsharded": measure(reference)}
-    split = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"])
-    results["tensor_parallel"] = measure(split)
-    results["unsharded (again)"] = measure(reference)  # the machine is noisy: bracket the run
-    results["memory"] = _memory(split)
-    python = os.path.join(peer_venv, "bin", "python") if peer_venv else None
-    if python and os.path.exists(python):
-        with tempfile.TemporaryDirectory() as folder:
-            reference.save_pretrained(folder, safe_serialization=False)
-            out = subprocess.run([python, "-c", _PEER, folder], capture_output=True, text=True, timeout=1800)
-            if out.returncode == 0:
-                results["original tensor_parallel 2.0.0"] = json.loads(out.stdout.strip().splitlines()[-1])
-            else:
-                logger.error("the original library failed:\n%s", out.stderr[-2000:])
-    return results
-
-
-def _memory(split) -> dict:
+def memory(split) -> list[int]:
+    """Bytes of parameters and buffers on each device (a tensor shared by two modules, once)."""
     per_device = []
     for shard in split.module_shards:
-        tensors = {id(t): t for t in list(shard.parameters()) + list(shard.buffers())}
+        tensors = {id(t): t for t in [*shard.parameters(), *shard.buffers()]}
         per_device.append(sum(t.numel() * t.element_size() for t in tensors.values()))
-    return {"per_device": per_device, "imbalance": max(per_device) / min(per_device)}
+    return per_device
 
 
-def report(comm: list[dict], timings: dict, command: str) -> str:
-    base = (timings["unsharded"]["forward_128"] + timings["unsharded (again)"]["forward_128"]) / 2
-    base_decode = (timings["unsharded"]["decode_32"] + timings["unsharded (again)"]["decode_32"]) / 2
-    lines = [f"# Speed and communication, {datetime.date.today()}", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only. Command: `{command}`", "",
-             "## Communication per forward (2 devices, 4 layers, width 256, 16 tokens)", "",
-             "| model | collectives | layer all-reduces, activations per layer | all bytes, activations per layer |",
-             "|---|---|---|---|"]
-    for row in comm:
-        calls = ", ".join(f"{k} x{v}" for k, v in sorted(row["calls"].items()))
-        lines.append(f"| {row['model']} | {calls} | {row['layer_activations']:.2f} | {row['all_activations']:.2f} |")
-    lines += ["", "The Megatron floor is 2.00 per layer; the last column adds the embedding and the gathered "
-              "logits (vocabulary 1000 = 3.9 activations of width 256, spread over 4 layers).", "",
+def run_peer(python: str, *args: str) -> dict | None:
+    """Run benchmarks/original_peer.py in the original library's venv; None if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # never import our library there
+    done = subprocess.run([python, _PEER, *args], capture_output=True, text=True, timeout=3600, env=env)
+    if done.returncode != 0:
+        logger.error("the original library failed:\n%s", done.stderr[-3000:])
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def speed(python: str | None) -> dict:
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SPEED_MODEL)).eval()
+    split = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"])
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        if python:
+            reference.save_pretrained(folder, safe_serialization=False)
+        for name in ("unsharded", "tensor_parallel", "original", "tensor_parallel", "unsharded"):
+            logger.info("measuring %s ...", name)
+            if name == "original":
+                result = run_peer(python, "speed", folder) if python else None
+                if result is not None:
+                    runs.append({"run": name, **result})
+                continue
+            runs.append({"run": name, **measure(reference if name == "unsharded" else split)})
+    comm = {**count(copy.deepcopy(reference)), **shape(reference), "vocabulary_share": vocabulary_share(reference)}
+    del comm["plan"]
+    return {"runs": runs, "memory": memory(split), "comm": comm,
+            "unsharded_bytes": sum(t.numel() * t.element_size() for t in [*reference.parameters(), *reference.buffers()])}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def best(runs: list[dict], name: str) -> dict | None:
+    """The contender's best forward and best decode over its runs."""
+    mine = [r for r in runs if r["run"] == name]
+    if not mine:
+        return None
+    return {key: min(r[key] for r in mine) for key in ("forward_128", "decode_32")}
+
+
+def _calls(calls: dict) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(calls.items())) or "none"
+
+
+def comm_table(rows: dict, original: dict | None, speed_comm: dict, speed_original: dict | None) -> list[str]:
+    lines = ["| model | vocabulary share | collectives | bytes per forward (MB) | activations per layer | floor | "
+             "original: collectives | original: activations per layer |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        theirs = (original or {}).get(name, {"error": "not run"})
+        their_calls = (_calls(theirs["calls"]) if "calls" in theirs else "not run" if not original else
+                       "absent" if theirs.get("absent") else "fails")
+        their_layer = f"{per_layer(theirs['bytes'], row):.2f}" if "bytes" in theirs else "n/a"
+        lines.append(f"| {name} | {row['vocabulary_share']:.1%} | {_calls(row['calls'])} | {row['bytes'] / 1e6:.2f} | "
+                     f"{per_layer(row['bytes'], row):.2f} | {row['floor']:.2f} | {their_calls} | {their_layer} |")
+    theirs = (speed_original or {}).get("comm")
+    their_layer = f"{per_layer(theirs['bytes'], speed_comm):.2f}" if theirs else "n/a"
+    lines.append(f"| llama 170M (speed model) | {speed_comm['vocabulary_share']:.1%} | {_calls(speed_comm['calls'])} | "
+                 f"{speed_comm['bytes'] / 1e6:.2f} | {per_layer(speed_comm['bytes'], speed_comm):.2f} | 2.00 | "
+                 f"{_calls(theirs['calls']) if theirs else 'not run'} | {their_layer} |")
+    return lines
+
+
+def report(comm: dict, original_comm: dict | None, result: dict, command: str) -> str:
+    runs = result["runs"]
+    base, ours, theirs = best(runs, "unsharded"), best(runs, "tensor_parallel"), best(runs, "original")
+    speed_original = next((r for r in runs if r["run"] == "original"), None)
+    lines = [f"# Speed, communication and memory in one process, {datetime.date.today()}", "",
+             f"Command: `{command}`", "",
+             f"## Communication per forward (2 devices, {TOKENS} tokens)", ""]
+    lines += comm_table(comm, original_comm, result["comm"], speed_original)
+    lines += ["", "Activations per layer: bytes / (layers x tokens x width x 4 bytes). The floor is Megatron's: 2 "
+              "all-reduces of one activation per layer (T5: 3 per decoder layer). The original runs on transformers "
+              "4.33: `absent` means that version has no such architecture, `fails` that the original raised (the error "
+              "is in speed.json).", "",
               "## Speed, 170M Llama, float32, 2 CPU devices in one process", "",
-              "| run | forward, 128 tokens (s) | ratio | greedy decode, 32 tokens (s) | ratio |", "|---|---|---|---|---|"]
-    for name, r in timings.items():
-        if name == "memory":
-            continue
-        lines.append(f"| {name} | {r['forward_128']:.3f} | {r['forward_128'] / base:.2f} | {r['decode_32']:.2f} | "
-                     f"{r['decode_32'] / base_decode:.2f} |")
-    memory = timings["memory"]
-    lines += ["", "Ratios are to the mean of the two unsharded runs that bracket the others.", "",
-              "Memory per device after splitting: " + ", ".join(f"{b / 1e6:.0f} MB" for b in memory["per_device"])
-              + f" (imbalance {memory['imbalance']:.3f})."]
-    if "original tensor_parallel 2.0.0" not in timings:
-        lines += ["", "The original library did not run in this run (no peer venv given or found)."]
+              "| run | forward, 128 tokens (s) | forward / unsharded | greedy decode, 32 tokens (s) | "
+              "decode / unsharded |", "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['run']} | {r['forward_128']:.3f} | {r['forward_128'] / base['forward_128']:.2f} | "
+                     f"{r['decode_32']:.2f} | {r['decode_32'] / base['decode_32']:.2f} |")
+    lines += ["", "Rows in the order they ran; ratios are to the unsharded model's best run. Best runs: "
+              f"forward ours / unsharded = **{ours['forward_128'] / base['forward_128']:.2f}**, "
+              f"decode ours / unsharded = **{ours['decode_32'] / base['decode_32']:.2f}**"]
+    if theirs:
+        lines[-1] += (f"; against the original, ours is **{theirs['forward_128'] / ours['forward_128']:.2f}x** as "
+                      f"fast on the forward and **{theirs['decode_32'] / ours['decode_32']:.2f}x** on decode.")
+    else:
+        lines[-1] += "; the original did not run (no venv given, or it failed)."
+    lines += ["", "## Memory per device after splitting", "",
+              "| run | device 0 (MB) | device 1 (MB) | imbalance (largest / mean) | all devices / unsharded |",
+              "|---|---|---|---|---|"]
+    unsharded = result["unsharded_bytes"]
+    for name, per_device in (("tensor_parallel", result["memory"]),
+                             ("original", speed_original["memory"] if speed_original else None)):
+        if per_device:
+            mean = sum(per_device) / len(per_device)
+            lines.append(f"| {name} | {per_device[0] / 1e6:.0f} | {per_device[1] / 1e6:.0f} | "
+                         f"{max(per_device) / mean:.3f} | {sum(per_device) / unsharded:.2f} |")
+    lines += ["", f"The unsharded model holds {unsharded / 1e6:.0f} MB."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-venv", default=os.environ.get("TP_PEER_VENV"),
-                        help="venv of the original tensor_parallel 2.0.0 (see shared/notes/anchors.md)")
-    parser.add_argument("--out", default=None)
+                        help="venv of the original tensor_parallel 2.0.0 (python -m benchmarks.run creates one)")
+    parser.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    python = os.path.join(args.peer_venv, "bin", "python") if args.peer_venv else None
+    if python and not os.path.exists(python):
+        parser.error(f"--peer-venv {args.peer_venv}: no bin/python there")
+    logger.info("speed ...")  # first: the timings, while the machine is as it was at the start
+    result = speed(python)
     logger.info("communication ...")
     comm = communication()
-    logger.info("speed ...")
-    timings = speed(args.peer_venv)
-    command = "python -m benchmarks.speed" + (f" --peer-venv {args.peer_venv}" if args.peer_venv else "")
-    text = report(comm, timings, command)
-    write_report("speed", text, args.out)
+    specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}
+    original_comm = run_peer(python, "comm", json.dumps(specs)) if python else None
+    command = "python -m benchmarks.speed" + (f" --peer-venv {os.path.relpath(args.peer_venv)}" if python else "")
+    data = {"communication": comm, "original_communication": original_comm, **result}
+    write_report("speed", report(comm, original_comm, result, command), data=data, results=args.results,
+                 marks={"unsharded": 1.0, "activations per layer": 2.0},
+                 columns=("activations per layer", "/ unsharded", "imbalance"))
     return 0
 
 

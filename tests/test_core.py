@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -287,6 +288,36 @@ def test_no_grad_and_inference_mode_reach_the_workers():
         assert not model(torch.randn(1, 4)).requires_grad
     with torch.inference_mode():
         assert model(torch.randn(1, 4)).is_inference()
+
+
+_THREADS_SEEN: dict[str, int] = {}  # a global: each shard is a copy of the module
+
+
+class _ThreadProbe(nn.Module):
+    """Records the intra-op thread count each rank's thread runs with."""
+
+    def forward(self, x):
+        _THREADS_SEEN[threading.current_thread().name] = torch.get_num_threads()
+        return x
+
+
+@pytest.mark.parametrize("n, per_rank", [(2, 2), (3, 1)])
+def test_cpu_ranks_share_the_callers_intra_op_threads(n, per_rank):
+    _THREADS_SEEN.clear()
+    model = tp.tensor_parallel(nn.Sequential(nn.Linear(4, 6), _ThreadProbe()), cpu_devices(n))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        model(torch.randn(2, 4))
+        seen = dict(_THREADS_SEEN)
+        assert len(seen) == n and set(seen.values()) == {per_rank}, seen  # 4 // n each: no oversubscription
+        assert torch.get_num_threads() == 4  # the caller's own count is back
+        later = threading.Thread(target=lambda: _THREADS_SEEN.__setitem__("later", torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert _THREADS_SEEN["later"] == 4  # and so is the default of threads started afterwards
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_backward_collectives_are_counted():

@@ -11,6 +11,8 @@ import tensor_parallel as tp
 from helpers import assert_close, assert_gradients_match
 from hf_models import CONFIGS, ENCODERS, SEQ2SEQ, VOCAB, build, num_layers
 
+from tensor_parallel.hf.plans import REPLICATE_VOCABULARY_BELOW, vocabulary_share
+
 ARCHITECTURES = sorted(CONFIGS)
 GENERATORS = sorted(set(CONFIGS) - ENCODERS)
 
@@ -135,12 +137,68 @@ def test_cache_continues_across_calls():
     assert_close(second.logits, full[:, 4:], "logits computed from the cache")
 
 
-def test_plan_is_the_megatron_layout():
-    split = _split(build("llama"), 2)
-    plan = split.plan
+def test_plan_is_the_megatron_layout_with_a_large_vocabulary_split():
+    model = build("llama")  # the embedding and LM head hold 25% of this tiny model
+    assert vocabulary_share(model, "model.embed_tokens") > REPLICATE_VOCABULARY_BELOW
+    plan = _split(model, 2).plan
     assert isinstance(plan["model.layers.0.self_attn"], tp.AttentionParallel)
     assert plan["model.layers.1.mlp.down_proj"] == tp.RowwiseParallel()
+    assert plan["model.embed_tokens"] == tp.EmbeddingParallel(dim=1)
     assert plan["lm_head"] == tp.ColwiseParallel(gather_output=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
+def test_vocabulary_share_is_the_same_before_ties_are_made(name):
+    from accelerate import init_empty_weights
+
+    model = build(name)
+    with init_empty_weights():  # ties are not made there: the head is a second tensor
+        empty = type(model)(copy.deepcopy(model.config))
+    assert vocabulary_share(empty) == pytest.approx(vocabulary_share(model), rel=1e-12)  # the same counts
+    assert tp.plan_for(model, 2) == tp.plan_for(empty, 2)
+
+
+def _small_vocabulary(name):
+    """4 layers with a wide MLP: the embedding and LM head hold 3% to 7% of the parameters,
+    as in a 7B Llama (4%)."""
+    import transformers
+
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=192, num_hidden_layers=4,
+                                                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=4, n_head=6, n_positions=64),
+        "t5": lambda: transformers.T5Config(vocab_size=VOCAB, d_model=48, d_kv=8, d_ff=192, num_layers=4,
+                                            num_heads=6, decoder_start_token_id=0),
+    }
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForSeq2SeqLM if name in SEQ2SEQ else transformers.AutoModelForCausalLM
+    return auto.from_config(configs[name](), attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+def test_a_small_vocabulary_stays_whole_and_costs_no_collective(name):
+    model = _small_vocabulary(name)
+    embedding = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "t5": "shared"}[name]
+    assert vocabulary_share(model, embedding) < REPLICATE_VOCABULARY_BELOW
+    ids = _ids()
+    for n in (2, 3):
+        split = _split(model, n)
+        assert split.plan[embedding] == tp.Replicate()
+        assert split.plan["lm_head"] == tp.Replicate()
+        with torch.no_grad(), tp.count_collectives() as stats:
+            actual = split(ids, **_inputs(name, ids)).logits
+            expected = model(ids, **_inputs(name, ids)).logits
+        assert_close(actual, expected, f"{name} over {n}")
+        # exactly the Megatron floor: the row-split blocks' all-reduces, nothing else
+        assert dict(stats.calls) == {"all_reduce": _sublayers(model)}, stats
+    assert torch.equal(split.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                       model.generate(ids[:1], max_new_tokens=6, do_sample=False))
+    labels = ids[:, :4].contiguous() if name in SEQ2SEQ else ids
+    expected, actual = model(ids, labels=labels), split(ids, labels=labels)
+    assert_close(actual.loss, expected.loss, "loss")
+    expected.loss.backward()
+    actual.loss.backward()
+    assert_gradients_match(split.wrapped_model, model)
 
 
 def test_shipped_tp_plans_are_translated_with_ties_and_heads_kept():

@@ -179,8 +179,10 @@ class Communicator(abc.ABC):
 
 def _sum_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum in rank order on ``device`` (fixed order: every device gets bit-identical sums)."""
-    total = tensors[0].to(device, copy=True)
-    for tensor in tensors[1:]:
+    if len(tensors) == 1:
+        return tensors[0].to(device, copy=True)
+    total = torch.add(tensors[0].to(device), tensors[1].to(device))  # one pass, a new tensor
+    for tensor in tensors[2:]:
         total.add_(tensor.to(device))
     return total
 
@@ -201,13 +203,27 @@ def _per_device(devices: Sequence[torch.device], make: Callable[[torch.device], 
     return tuple(out)
 
 
+def _all_reduce(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return _per_device([x.device for x in inputs], lambda d: _sum_on(inputs, d))
+
+
+def _all_gather(dim: int, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return _per_device([x.device for x in inputs], lambda d: torch.cat([x.to(d) for x in inputs], dim))
+
+
+def _differentiable(inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether a collective must be an autograd node (else it skips autograd's overhead,
+    about 20 us a call: decode runs 2 collectives per layer per token)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
 class _AllReduce(torch.autograd.Function):
     """y_i = sum_j x_j for every rank i. Backward: dx_j = sum_i dy_i (again an all-reduce)."""
 
     @staticmethod
     def forward(ctx, *inputs: torch.Tensor):
         ctx.devices = [x.device for x in inputs]
-        return _per_device(ctx.devices, lambda d: _sum_on(inputs, d))
+        return _all_reduce(inputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -223,7 +239,7 @@ class _AllGather(torch.autograd.Function):
         ctx.dim = dim
         ctx.devices = [x.device for x in inputs]
         ctx.sizes = [x.shape[dim] for x in inputs]
-        return _per_device(ctx.devices, lambda d: torch.cat([x.to(d) for x in inputs], dim))
+        return _all_gather(dim, inputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -349,7 +365,7 @@ class ThreadCommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         def run(inputs: list[torch.Tensor]):
             record_collective("all_reduce", inputs[0].shape, inputs[0].dtype)
-            return _AllReduce.apply(*inputs)
+            return _AllReduce.apply(*inputs) if _differentiable(inputs) else _all_reduce(inputs)
         return self._exchange("all_reduce", tensor, run)
 
     def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int] = ()) -> torch.Tensor:
@@ -359,7 +375,7 @@ class ThreadCommunicator(Communicator):
             shape = list(inputs[0].shape)
             shape[dim] = sum(x.shape[dim] for x in inputs)
             record_collective("all_gather", shape, inputs[0].dtype)
-            return _AllGather.apply(dim, *inputs)
+            return _AllGather.apply(dim, *inputs) if _differentiable(inputs) else _all_gather(dim, inputs)
         return self._exchange("all_gather", tensor, run)
 
     def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .plan import plan_for, resolve_plan
 from .adapters import _SplitLayers
 from .sharding import shard_replicated
 from .split import Shard, build_shards, gather_tensor, relocate_shards
-from .styles import Style
+from .styles import Replicate, Style
 
 __all__ = ["TensorParallel", "tensor_parallel", "parse_devices", "RankLocal"]
 
@@ -125,14 +125,17 @@ class _Worker:
 class _Call:
     """One rank's part of a forward: its function, its result or its error."""
 
-    def __init__(self, fn: Callable[[], Any], modes: Callable[[], contextlib.AbstractContextManager]) -> None:
-        self.fn, self.modes = fn, modes
+    def __init__(self, fn: Callable[[], Any], modes: Callable[[], contextlib.AbstractContextManager],
+                 threads: int | None = None) -> None:
+        self.fn, self.modes, self.threads = fn, modes, threads
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
 
     def __call__(self) -> None:
         try:
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)  # this worker thread's own intra-op threads
             with self.modes():
                 self.result = self.fn()
         except BaseException as error:  # handed back to the caller, never lost in a thread
@@ -171,7 +174,9 @@ class ShardRunner:
         """Call ``fns[r]`` on rank ``r`` (rank 0 in this thread) and return every result."""
         self.group.reset()
         modes = _caller_modes()
-        calls = [_Call(fn, modes) for fn in fns]
+        caller_threads = torch.get_num_threads()
+        threads = self._threads_per_rank(caller_threads)
+        calls = [_Call(fn, modes, threads) for fn in fns]
         for worker, call in zip(self.workers, calls[1:]):
             worker.tasks.put(self._guarded(call))
         try:
@@ -183,8 +188,18 @@ class ShardRunner:
             for call in calls[1:]:
                 call.done.wait(timeout=self.group.timeout)
             raise
+        finally:
+            if torch.get_num_threads() != caller_threads:
+                torch.set_num_threads(caller_threads)  # also the default of threads started later
         self._raise_first_error(calls)
         return [call.result for call in calls]
+
+    def _threads_per_rank(self, caller_threads: int) -> int | None:
+        """CPU ranks share the caller's intra-op threads (2 ranks on 2 threads: 1 each), so the
+        ranks' thread pools do not fight over the cores; GPU ranks keep theirs."""
+        if self.group.devices[0].type != "cpu":
+            return None
+        return max(1, caller_threads // self.group.world_size)
 
     def _guarded(self, call: _Call) -> Callable[[], None]:
         def run() -> None:
@@ -367,7 +382,8 @@ class TensorParallel(nn.Module):
         if sharded:
             self.apply_sharding(sharded_param_names)
         logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
-                    type(module).__name__, world_size, placement.mode, len(self.plan))
+                    type(module).__name__, world_size, placement.mode,
+                    sum(not isinstance(style, Replicate) for style in self.plan.values()))
 
     @property
     def tensor_parallel_config(self) -> Config:

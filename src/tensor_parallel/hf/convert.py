@@ -67,7 +67,7 @@ def shard_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, world_size:
 
         >>> import tempfile, transformers, tensor_parallel as tp
         >>> from tensor_parallel.hf.convert import shard_checkpoint
-        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
         >>> src, dst = tempfile.mkdtemp(), tempfile.mkdtemp()
         >>> transformers.GPT2LMHeadModel(config).save_pretrained(src)
         >>> shard_checkpoint(src, dst, 2)
@@ -97,7 +97,7 @@ def merge_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, max_shar
 
         >>> import tempfile, transformers, tensor_parallel as tp
         >>> from tensor_parallel.hf.convert import merge_checkpoint
-        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
         >>> split, merged = tempfile.mkdtemp(), tempfile.mkdtemp()
         >>> tp.tensor_parallel(transformers.GPT2LMHeadModel(config), ["cpu", "cpu"]).save_pretrained(split)
         >>> merge_checkpoint(split, merged)
@@ -125,7 +125,7 @@ def save_unsharded(model: TensorParallelPreTrainedModel, directory: str | os.Pat
     Example::
 
         >>> import tempfile, transformers, tensor_parallel as tp
-        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+        >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
         >>> model = tp.tensor_parallel(transformers.GPT2LMHeadModel(config), ["cpu", "cpu"])
         >>> folder = tempfile.mkdtemp()
         >>> model.save_unsharded(folder)

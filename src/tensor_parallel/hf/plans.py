@@ -1,8 +1,9 @@
 """Plans for transformers architectures, in the Megatron layout.
 
-Built-in plans (:data:`BUILTIN_PLANS`) cut attention by whole heads (grouped-query aware),
-MLPs column -> row, and the embedding and LM head by vocabulary: two all-reduces per decoder
-layer, plus one collective for the embedding and one for the logits. Architectures without a
+Built-in plans (:data:`BUILTIN_PLANS`) cut attention by whole heads (grouped-query aware) and
+MLPs column -> row: two all-reduces per decoder layer. The embedding and LM head stay whole
+when they are a small share of the model; else they are cut by vocabulary, which adds one
+collective for the embedding and one for the logits. Architectures without a
 built-in plan use the ``base_model_tp_plan`` their config ships, translated into our styles;
 the rest fall back to the generic default plan (always correct, gathers after each layer).
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..plan import Plan, path_matches, plan_for
 from ..styles import (AttentionParallel, ColwiseParallel, EmbeddingParallel, ExpertsParallel,
-                      LinearKind, RowwiseParallel, Style, register_linear_kind)
+                      LinearKind, Replicate, RowwiseParallel, Style, register_linear_kind)
 
 __all__ = ["BUILTIN_PLANS", "plan_for_pretrained", "translate_tp_plan"]
 
@@ -78,12 +79,50 @@ def tied_embeddings(module: nn.Module) -> bool:
 _tied = tied_embeddings
 
 
+#: The embedding and the LM head stay whole on every device when they hold less than this share
+#: of the model's parameters (a 7B Llama: 4%): copying them costs little memory and saves the
+#: embedding's collective and the all-gather of the logits (1 + vocabulary / width activations
+#: per forward). Above it (small models with a large vocabulary) they are cut by vocabulary.
+REPLICATE_VOCABULARY_BELOW = 0.10
+
+
+def vocabulary_share(module: nn.Module, embedding: str | None = None, head: str | None = None) -> float:
+    """The share of ``module``'s parameters held by the embedding and the LM head (paths in
+    ``module``; default: its input and output embeddings), a tied pair counted once.
+
+    Example::
+
+        >>> import transformers
+        >>> from tensor_parallel.hf.plans import vocabulary_share
+        >>> config = transformers.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=4)
+        >>> round(vocabulary_share(transformers.LlamaForCausalLM(config)), 2)
+        0.55
+    """
+    total = sum(p.numel() for p in module.parameters())
+    embedding_module = module.get_submodule(embedding) if embedding else module.get_input_embeddings()
+    head_module = getattr(module, head, None) if head else module.get_output_embeddings()
+    weight = getattr(embedding_module, "weight", None)
+    vocabulary = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    head_weight = getattr(head_module, "weight", None)
+    if isinstance(head_weight, torch.Tensor) and head_weight is not weight:
+        if _tied(module):  # tied by the config, not yet in fact (under init_empty_weights)
+            total -= head_weight.numel()
+        else:
+            vocabulary += head_weight.numel()
+    return vocabulary / total if total else 0.0
+
+
 def _embedding_and_head(module: nn.Module, embedding: str, head: str = "lm_head") -> Plan:
-    """Vocabulary-split embedding and LM head (they stay tied when tied); else the cheaper
-    embedding-dim split of the embedding (an all-gather instead of an all-reduce)."""
-    tied = _tied(module)
-    plan: Plan = {embedding: EmbeddingParallel(dim=0 if tied else 1)}
-    if isinstance(getattr(module, head, None), nn.Module):
+    """Whole embedding and LM head when they are a small share of the model
+    (:data:`REPLICATE_VOCABULARY_BELOW`); else a vocabulary-split embedding and LM head (they
+    stay tied when tied), or the cheaper embedding-dim split of an untied embedding (an
+    all-gather instead of an all-reduce)."""
+    has_head = isinstance(getattr(module, head, None), nn.Module)
+    if vocabulary_share(module, embedding, head) < REPLICATE_VOCABULARY_BELOW:
+        return {embedding: Replicate(), **({head: Replicate()} if has_head else {})}
+    plan: Plan = {embedding: EmbeddingParallel(dim=0 if _tied(module) else 1)}
+    if has_head:
         plan[head] = ColwiseParallel(gather_output=True)
     return plan
 
@@ -246,10 +285,13 @@ def _t5(module: nn.Module) -> Plan:
     attention = AttentionParallel(num_heads=config.num_heads, head_dim=config.d_kv, q="q", k="k", v="v",
                                   o="o", attributes=(("n_heads", "heads"), ("inner_dim", "width")),
                                   head_tables=("relative_attention_bias",))
-    embedding = EmbeddingParallel(dim=0 if _tied(module) else 1)
-    plan: Plan = {"shared": embedding, "encoder.embed_tokens": embedding, "decoder.embed_tokens": embedding}
-    if _tied(module):
-        plan["lm_head"] = ColwiseParallel(gather_output=True)
+    if vocabulary_share(module, "shared") < REPLICATE_VOCABULARY_BELOW:
+        plan: Plan = dict.fromkeys(("shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head"), Replicate())
+    else:
+        embedding = EmbeddingParallel(dim=0 if _tied(module) else 1)
+        plan = {"shared": embedding, "encoder.embed_tokens": embedding, "decoder.embed_tokens": embedding}
+        if _tied(module):
+            plan["lm_head"] = ColwiseParallel(gather_output=True)
     for stack in ("encoder", "decoder"):
         plan[f"{stack}.block.*.layer.0.SelfAttention"] = attention
         plan[f"{stack}.block.*.layer.1.EncDecAttention"] = attention

@@ -1,0 +1,50 @@
+"""The benchmarks' shared report writer: latest files, a chart, and a dated history."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from benchmarks.common import chart, machine, machine_tag, tables, write_report
+
+REPORT = """# Speed, a test
+
+## Forward
+
+| run | forward (s) | ratio |
+|---|---|---|
+| unsharded | 0.500 | 1.00 |
+| `tensor_parallel` | 0.450 | **0.90** |
+| original | failed | |
+"""
+
+
+def test_tables_are_parsed_with_their_heading():
+    (table,) = tables(REPORT)
+    assert table["heading"] == "Forward"
+    assert table["header"] == ["run", "forward (s)", "ratio"]
+    assert [row[0] for row in table["rows"]] == ["unsharded", "`tensor_parallel`", "original"]
+
+
+def test_report_writes_latest_files_a_chart_and_history(tmp_path):
+    paths = write_report("speed", REPORT, data={"ratio": 0.9}, results=str(tmp_path), marks={"ratio": 1.0})
+    assert sorted(os.listdir(tmp_path)) == ["history", "speed.json", "speed.md", "speed.png"]
+    with open(paths["png"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    history = sorted(os.listdir(tmp_path / "history"))
+    tag = machine_tag(machine())
+    assert len(history) == 2 and all(f"-{tag}-speed." in name for name in history), history
+    record = json.loads((tmp_path / "history" / history[0]).read_text())
+    assert record["data"] == {"ratio": 0.9} and record["machine"]["cores"] == os.cpu_count()
+    text = (tmp_path / "speed.md").read_text()
+    assert text.startswith(REPORT) and "Machine:" in text and f"torch {record['machine']['torch']}" in text
+    # a second run overwrites the latest files and keeps both in the history (one per minute)
+    write_report("speed", REPORT.replace("0.450", "0.400"), results=str(tmp_path))
+    assert "0.400" in (tmp_path / "speed.md").read_text()
+
+
+def test_no_chart_without_a_numeric_table(tmp_path):
+    assert not chart("# nothing\n\n| a | b |\n|---|---|\n| x | y |\n", str(tmp_path / "c.png"))
+    assert not os.path.exists(tmp_path / "c.png")
+    assert not chart(REPORT, str(tmp_path / "d.png"), columns=("memory",))  # no such column
+    assert chart(REPORT, str(tmp_path / "e.png"), columns=("ratio",))
