@@ -347,7 +347,8 @@ def check_model_type(model_type: str, plans: str, report: Callable[[dict], None]
         return
     model, ids, expected = unsharded
     report({"status": "running", "plan_source": plan_source(model, plans),
-            "model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())})
+            "model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "blocks": N_LAYERS * (2 if getattr(model.config, "is_encoder_decoder", False) else 1)})
     splits: dict[str, Any] = {}
     for n in DEVICE_COUNTS:
         report({"stage": f"split over {n}"})
@@ -451,10 +452,21 @@ def split_nothing(result: dict[str, Any]) -> bool:
     return result["status"] == "correct" and all(s.get("split_layers") == 0 for s in splits)
 
 
+def at_floor(result: dict[str, Any]) -> bool:
+    """Correct at the Megatron floor: at 2 devices one forward makes at least one all-reduce and
+    at most 2 collectives per block, plus 2 (the embedding's and the LM head's)."""
+    split = result.get("splits", {}).get("2")
+    if result["status"] != "correct" or not split or not result.get("blocks"):
+        return False
+    calls = split["collectives"]
+    return calls.get("all_reduce", 0) >= 1 and sum(calls.values()) <= 2 * result["blocks"] + 2
+
+
 def totals(results: list[dict[str, Any]]) -> dict[str, int]:
     return {"types": len(results), "ran": sum(map(ran_unsharded, results)),
             "correct": sum(r["status"] == "correct" for r in results),
-            "split_nothing": sum(map(split_nothing, results))}
+            "split_nothing": sum(map(split_nothing, results)),
+            "at_floor": sum(map(at_floor, results))}
 
 
 def totals_line(results: list[dict[str, Any]]) -> str:
@@ -463,16 +475,17 @@ def totals_line(results: list[dict[str, Any]]) -> str:
     counts = " and ".join(map(str, DEVICE_COUNTS))
     return (f"{t['types']} types; {t['ran']} run unsharded; {t['correct']} split correctly over "
             f"{counts} CPU devices ({t['correct']}/{t['ran']} = {share:.1f}%); of those, "
-            f"{t['split_nothing']} split no layer at all (everything replicated)")
+            f"{t['split_nothing']} split no layer at all (everything replicated); {t['at_floor']} of "
+            f"{t['correct']} at the Megatron floor (<= 2 collectives per block + 2, one all-reduce at least)")
 
 
-def by_plan_source(results: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
-    """plan source -> (correct, run unsharded, correct but split no layer)."""
-    table: dict[str, tuple[int, int, int]] = {}
+def by_plan_source(results: list[dict[str, Any]]) -> dict[str, tuple[int, int, int, int]]:
+    """plan source -> (correct, run unsharded, correct but split no layer, at the floor)."""
+    table: dict[str, tuple[int, int, int, int]] = {}
     for source in ("builtin", "tp_plan", "generic"):
         ran = [r for r in results if r.get("plan_source") == source]
         correct = sum(r["status"] == "correct" for r in ran)
-        table[source] = (correct, len(ran), sum(map(split_nothing, ran)))
+        table[source] = (correct, len(ran), sum(map(split_nothing, ran)), sum(map(at_floor, ran)))
     return table
 
 
@@ -511,18 +524,20 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
         f"float32; input ids ({BATCH}, {SEQ}); logits compared with atol = rtol = {ATOL:g}; "
         f"{TIMEOUT_S:.0f} s per type", "",
         f"**{totals_line(results)}**", "",
-        "| plan source | run unsharded | correct | of the correct: split no layer |", "|---|---|---|---|",
+        "| plan source | run unsharded | correct | of the correct: split no layer | at the floor |",
+        "|---|---|---|---|---|",
     ]
-    for source, (correct, ran, nothing) in by_plan_source(results).items():
-        lines.append(f"| {source} | {ran} | {correct} | {nothing} |")
+    for source, (correct, ran, nothing, floor) in by_plan_source(results).items():
+        lines.append(f"| {source} | {ran} | {correct} | {nothing} | {floor} |")
     lines += ["", "Layers split: the plan's entries at 2 devices that are not `Replicate()`. Collectives: "
               "logical calls in one forward at 2 devices.", "",
               "| type | status | plan | layers split @2 | max diff @2 | max diff @3 | all_reduce @2 | "
-              "all_gather @2 | reason |", "|---|---|---|---|---|---|---|---|---|"]
+              "all_gather @2 | floor | reason |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model_type']} | {r['status']} | {r.get('plan_source') or '-'} | "
                      f"{_field(r, 'split_layers')} | {_diff(r, 2)} | {_diff(r, 3)} | "
-                     f"{_count(r, 'all_reduce')} | {_count(r, 'all_gather')} | {_cell(short_reason(r))} |")
+                     f"{_count(r, 'all_reduce')} | {_count(r, 'all_gather')} | "
+                     f"{'yes' if at_floor(r) else '-'} | {_cell(short_reason(r))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -542,8 +557,8 @@ def grouped_failures(results: list[dict[str, Any]]) -> dict[str, dict[str, list[
 def summary(results: list[dict[str, Any]]) -> str:
     """The totals, the plan-source breakdown and the failures grouped by reason (stdout)."""
     lines = [totals_line(results)]
-    lines += [f"  {source}: {correct}/{ran} correct ({nothing} of them split no layer)"
-              for source, (correct, ran, nothing) in by_plan_source(results).items()]
+    lines += [f"  {source}: {correct}/{ran} correct ({nothing} of them split no layer, {floor} at the floor)"
+              for source, (correct, ran, nothing, floor) in by_plan_source(results).items()]
     lines.append("failures by reason:")
     for reason, types in grouped_failures(results).items():
         named = [f"{t} @{','.join(ns)}" if ns else t for t, ns in sorted(types.items())]

@@ -20,7 +20,8 @@ logger = logging.getLogger("benchmarks.run")
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: name -> the module's arguments
 BENCHMARKS = {"speed": ["benchmarks.speed"], "multiprocess": ["benchmarks.multiprocess"],
-              "loading": ["benchmarks.loading"], "coverage": ["benchmarks.coverage"],
+              "loading": ["benchmarks.loading"], "sharding": ["benchmarks.sharding"],
+              "coverage": ["benchmarks.coverage"],
               "coverage-generic": ["benchmarks.coverage", "--plans", "generic"]}
 
 # The original library's last working stack (shared/notes/anchors.md), in a venv of its own,

@@ -130,3 +130,132 @@ def llama_gradient_checkpointing(rank: int, world_size: int):
     expected.loss.backward()
     _check_grads(model.wrapped_model, reference, rank)
     return float(out.loss)
+
+
+def sharded(rank: int, world_size: int, path: str):
+    """sharded=True under torch.distributed: an MLP (output, gradients, a step, collectives),
+    GPT-2 built on meta and loaded from ``path`` (logits, loss gradients with checkpointing), and
+    Qwen3's per-head norms (gradients, with and without sharded=True)."""
+    import transformers
+
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, sharded=True)
+    assert model.sharded_keys == {"2.bias", "3.weight", "3.bias"}
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    with tp.count_collectives() as stats:
+        out = model(x)
+        out.pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    assert_close(out, reference(x), f"rank {rank} output")
+    _check_grads(model, reference, rank)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert_close(model(x), reference(x), f"rank {rank} output after one step")
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    split = tp.from_pretrained(path, sharded=True)  # built on the meta device, then loaded
+    split.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    split.train()
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    got, want = split(ids, labels=ids), reference(ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} GPT-2 logits")
+    got.loss.backward()
+    want.loss.backward()
+    _check_grads(split.wrapped_model, reference, rank)
+    pieces = {key: split.module_shards[0].get_parameter(key).numel() for key in split.wrapped_model.sharded_keys}
+
+    import hf_models
+
+    for sharded in (False, True):  # per-head q_norm / k_norm: replicated, each rank's part of the gradient summed
+        reference = hf_models.build("qwen3")
+        split = tp.tensor_parallel(copy.deepcopy(reference), sharded=sharded)
+        got, want = split(ids, labels=ids), reference(ids, labels=ids)
+        got.loss.backward()
+        want.loss.backward()
+        _check_grads(split.wrapped_model, reference, rank)
+    return dict(stats.calls), pieces
+
+
+def lora(rank: int, world_size: int, path: str):
+    """LoRA under torch.distributed, both orders: peft first (adapter gradients equal the unsharded
+    peft model's), and peft on the split model (its adapters, saved unsharded, load into peft)."""
+    import peft
+    import transformers
+
+    def grads_match(model, reference):
+        split = model.base_model.model.wrapped_model
+        want = {k: p.grad for k, p in reference.base_model.model.named_parameters() if p.requires_grad}
+        for key, param in split.module_shards[0].named_parameters():
+            if param.requires_grad:
+                spec = split.layout[key]
+                assert_close(param.grad, want[key] if spec is None else spec.take(want[key], rank),
+                             f"rank {rank} gradient of {key}")
+
+    config = dict(r=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path), peft.LoraConfig(**config))
+    model = tp.tensor_parallel(reference)
+    got, want = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} logits, peft first")
+    got.loss.backward()
+    want.loss.backward()
+    grads_match(model, reference)
+
+    torch.manual_seed(rank)  # peft initialises each rank's adapters differently: rank 0's are taken
+    model = peft.get_peft_model(tp.from_pretrained(path), peft.LoraConfig(**config))
+    with tp.save_tensor_parallel(model):
+        model.save_pretrained(f"{path}-adapter-{rank}")
+    reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                               f"{path}-adapter-{rank}", is_trainable=True)
+    got, want = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert_close(got.logits, want.logits, f"rank {rank} logits, peft on the split model")
+    got.loss.backward()
+    want.loss.backward()
+    grads_match(model, reference)
+    return got.loss.item()
+
+
+def legacy(rank: int, world_size: int):
+    """The original's distributed=True and make_distributed_shard, with a custom Config."""
+    import warnings
+
+    from tensor_parallel.state_actions import Scale, Split
+
+    config = tp.Config({r"^0\.(weight|bias)$": Split(world_size, 0), r"^2\.weight$": Split(world_size, 1),
+                        r"^2\.bias$": Scale(world_size)}, {}, {r"^2$": {0: "sum"}}, {})
+    module = _mlp()
+    reference = copy.deepcopy(module)
+    model = tp.tensor_parallel(module, ["cpu"], config, True)  # the original returned (shard, names) here
+    assert isinstance(model, tp.TensorParallel) and model.distributed
+    assert model.plan == {"0": tp.ColwiseParallel(), "2": tp.RowwiseParallel()}  # its Config is used
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shard, names = model  # old code that unpacks still runs
+    assert shard is model and names == {"0.weight", "0.bias", "2.weight"}
+    assert [w.category for w in caught] == [DeprecationWarning]
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    with tp.count_collectives() as stats:
+        out = model(x)
+    assert_close(out, reference(x), f"rank {rank} output with a legacy Config")
+    out.pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    _check_grads(model, reference, rank)
+    other = tp.make_distributed_shard(_mlp(), "cpu", config)
+    assert other.distributed and other.plan == model.plan
+    assert_close(other(x), _mlp()(x), f"rank {rank} output of make_distributed_shard")
+    threads = tp.tensor_parallel(_mlp(), ["cpu", "cpu"], config if world_size == 2 else None, False)
+    assert not threads.distributed and len(threads.module_shards) == 2  # distributed=False: threads here
+    assert_close(threads(x), _mlp()(x), f"rank {rank} output of the threads of distributed=False")
+    try:
+        tp.tensor_parallel(_mlp(), ["cpu", "cpu"], None, True)
+    except ValueError as error:
+        assert "device_ids must be None or this rank's one device" in str(error)
+    else:
+        raise AssertionError("distributed=True with two devices in one process was accepted")
+    return dict(stats.calls)

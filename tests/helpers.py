@@ -43,12 +43,13 @@ def assert_gradients_match(model: tp.TensorParallel, reference: nn.Module) -> No
 
 def check_equivalence(module: nn.Module, inputs: tuple, n_devices: int, *,
                       plan=None, loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      lr: float = 0.1) -> tp.TensorParallel:
-    """Split a copy of ``module`` over ``n_devices`` CPU devices and compare with ``module``:
-    outputs, every parameter's gradient (as this shard's slice), and one SGD step."""
+                      lr: float = 0.1, devices: list[str] | None = None, **options) -> tp.TensorParallel:
+    """Split a copy of ``module`` over ``n_devices`` CPU devices (or ``devices``) and compare with
+    ``module``: outputs, every parameter's gradient (as this shard's slice), and one SGD step.
+    ``options`` go to ``tp.tensor_parallel`` (e.g. ``tensor_parallel_config``)."""
     loss = loss or (lambda y: (y.float() ** 2).mean())
     reference = copy.deepcopy(module)
-    model = tp.tensor_parallel(module, cpu_devices(n_devices), plan=plan)
+    model = tp.tensor_parallel(module, devices or cpu_devices(n_devices), plan=plan, **options)
 
     expected = reference(*inputs)
     actual = model(*inputs)

@@ -10,12 +10,14 @@ Example::
 """
 
 from .checkpoint import infer_sharded_device_map, save_tensor_parallel
+from .legacy import Config, Sharded, StateAction, convert_state_dict, make_distributed_shard
 from .comm import CollectiveError, CollectiveStats, Communicator, count_collectives
 from .plan import Plan, expected_collectives, format_plan, plan_for, resolve_plan
 from .runtime import TensorParallel, parse_devices, tensor_parallel
+from .sharding import parameters_by_device, shard_replicated
 from .split import Shard, split_sizes
-from .styles import (AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind, Replicate, RowwiseParallel,
-                     Style, register_linear_kind)
+from .styles import (AdapterKind, AttentionParallel, ColwiseParallel, ExpertsParallel, EmbeddingParallel, LinearKind,
+                     Replicate, RowwiseParallel, Style, register_adapter_kind, register_linear_kind)
 
 __version__ = "0.1.0"
 
@@ -36,17 +38,27 @@ __all__ = [
     "Replicate",
     "LinearKind",
     "register_linear_kind",
+    "AdapterKind",
+    "register_adapter_kind",
     "Shard",
     "split_sizes",
     "count_collectives",
     "CollectiveStats",
     "CollectiveError",
     "Communicator",
+    "shard_replicated",
+    "parameters_by_device",
     "save_tensor_parallel",
     "infer_sharded_device_map",
     "parse_devices",
     "TensorParallelPreTrainedModel",
     "from_pretrained",
+    # the original library's names (tensor_parallel 2.0.0): see tensor_parallel.legacy
+    "Config",
+    "StateAction",
+    "convert_state_dict",
+    "make_distributed_shard",
+    "Sharded",
 ]
 
 _HF_NAMES = {"TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan",

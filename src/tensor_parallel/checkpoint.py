@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["save_tensor_parallel", "write_checkpoint", "parse_size", "infer_sharded_device_map",
            "CheckpointError", "TensorSource", "FileSource", "SplitSource", "TensorInfo", "load_shards",
-           "LazyTensor", "unsharded_tensors", "split_tensors"]
+           "LazyTensor", "unsharded_tensors", "split_tensors", "load_split_state_dict", "set_unsharded_saving"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _accelerate_device(device: torch.device) -> int | str:
     return device.index if device.type == "cuda" else str(device)
 
 
-def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
+def infer_sharded_device_map(tp_model: nn.Module) -> dict[str, int | str]:
     """A device map for accelerate: each shard's module path to that shard's device (a GPU
     index or ``"cpu"``, as accelerate spells devices).
 
@@ -190,20 +190,22 @@ def infer_sharded_device_map(model: nn.Module) -> dict[str, int | str]:
     """
     from .runtime import TensorParallel
 
-    for path, module in model.named_modules():
+    for path, module in tp_model.named_modules():
         if isinstance(module, TensorParallel):
             prefix = f"{path}." if path else ""
             return {f"{prefix}module_shards.{rank}": _accelerate_device(device)
                     for rank, device in enumerate(module.devices)}
     raise TypeError(f"infer_sharded_device_map expects a model made by tensor_parallel(), got "
-                    f"{type(model).__name__} with no split module inside")
+                    f"{type(tp_model).__name__} with no split module inside")
 
 
 @contextlib.contextmanager
 def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block, ``model.state_dict()`` returns the unsharded state with the original
     module's keys, and ``save_pretrained`` of a split transformers model writes an ordinary
-    checkpoint (the name and behaviour of the original library's context manager).
+    checkpoint (the name and behaviour of the original library's context manager). ``model``
+    may also hold the split model, e.g. a peft model around it: ``save_pretrained`` of the peft
+    model then writes ordinary adapter weights.
 
     Example::
 
@@ -215,19 +217,38 @@ def save_tensor_parallel(model: nn.Module) -> Iterator[nn.Module]:
         >>> sorted(state) == sorted(mlp.state_dict())
         True
     """
-    from .runtime import TensorParallel
-
-    split = [m for m in model.modules() if isinstance(m, TensorParallel)]
-    if len(split) != 1:
-        raise TypeError(f"save_tensor_parallel expects a model made by tensor_parallel(), got "
-                        f"{type(model).__name__} with {len(split)} split modules inside")
-    model.state_dict = split[0].unsharded_state_dict  # type: ignore[method-assign]
-    model._tp_save_unsharded = True  # save_pretrained of a split transformers model saves it whole
+    set_unsharded_saving(model, True)
     try:
         yield model
     finally:
-        del model.state_dict
-        del model._tp_save_unsharded
+        set_unsharded_saving(model, False)
+
+
+def set_unsharded_saving(model: nn.Module, unsharded: bool) -> None:
+    """Make ``model.state_dict()`` (and ``save_pretrained``) give the unsharded state, or the
+    split state again. The original's ``model.set_preserve_shards_when_saving(not unsharded)``.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+        >>> set_unsharded_saving(model, True); sorted(model.state_dict())
+        ['0.bias', '0.weight']
+        >>> set_unsharded_saving(model, False); len(model.state_dict())
+        4
+    """
+    from .runtime import TensorParallel
+
+    split, stack = [], [model]
+    while stack:  # not model.modules(): in the unsharded view a split model lists the original's
+        module = stack.pop()
+        split += [module] if isinstance(module, TensorParallel) else []
+        stack += [child for child in module._modules.values() if child is not None]
+    if not split:
+        raise TypeError(f"save_tensor_parallel expects a model made by tensor_parallel(), got "
+                        f"{type(model).__name__} with no split module inside")
+    for module in split:  # save_pretrained of a split transformers model reads it too
+        module._unsharded_view = unsharded
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +576,50 @@ def load_shards(model: nn.Module, source: TensorSource, *, dtype: torch.dtype | 
     finally:
         source.close()
     model.install_gradient_sums()  # the hooks belong to the new Parameter objects
+
+
+def load_split_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                          strict: bool = True) -> Any:
+    """``model.load_state_dict`` for a split model (keys ``module_shards.<rank>.<key>``) that
+    also fills tensors still on the meta device (a model built under ``init_empty_weights``):
+    each gets its piece on its rank's device, and a tensor several ranks share stays shared.
+    With ``strict=False`` a state dict may hold only some of the tensors (one checkpoint part).
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        >>> state = tp.tensor_parallel(mlp, ["cpu", "cpu"]).state_dict()
+        >>> empty = tp.tensor_parallel(mlp.to("meta"), ["cpu", "cpu"])
+        >>> load_split_state_dict(empty, state)
+        <All keys matched successfully>
+        >>> empty.module_shards[0][0].weight.device
+        device(type='cpu')
+    """
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    expected = set(nn.Module.state_dict(model, keep_vars=True))
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing[:8]}, "
+                           f"unexpected keys {unexpected[:8]}; pass strict=False to load a part of the state")
+    filled: set[str] = set()
+    for holders in _holders(model).values():
+        names = [f"module_shards.{model.shard_ranks.index(rank)}.{key}" for rank, key, *_ in holders]
+        name = next((n for n in names if n in state_dict), None)
+        if name is None:
+            continue
+        rank, key, module, local, _ = holders[0]
+        shape = (module._parameters if local in module._parameters else module._buffers)[local].shape
+        if tuple(state_dict[name].shape) != tuple(shape):
+            raise RuntimeError(f"{name!r} has shape {list(state_dict[name].shape)} in the state dict, but rank "
+                               f"{rank} holds {list(shape)}; was it cut for another number of devices?")
+        _assign(holders, state_dict[name], model.devices[model.shard_ranks.index(rank)], None)
+        filled.update(names)
+    rest = {k: v for k, v in state_dict.items() if k not in filled and k in expected}
+    nn.Module.load_state_dict(model, rest, strict=False)
+    model.install_gradient_sums()
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def _nbytes(info: TensorInfo) -> int:

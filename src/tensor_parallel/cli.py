@@ -38,10 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="print the plan for a transformers model, and its collectives")
     plan.add_argument("model", help="a checkpoint or config folder, or a model type such as llama")
     plan.add_argument("--devices", type=int, default=2, help="number of devices (default 2)")
+    plan.add_argument("--automatic", action="store_true",
+                      help="the automatic planner's plan, ignoring built-in and shipped plans")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "plan":
-        return _print_plan(args.model, args.devices)
+        return _print_plan(args.model, args.devices, args.automatic)
     if args.command == "demo":
         from .demo import run_demo
         report = run_demo(args.devices)
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _convert(args)
 
 
-def _print_plan(model: str, devices: int) -> int:
+def _print_plan(model: str, devices: int, automatic: bool = False) -> int:
     import os
 
     import transformers
@@ -67,7 +69,11 @@ def _print_plan(model: str, devices: int) -> int:
         return 1
     with init_empty_weights():
         module = transformers.AutoModelForCausalLM.from_config(config)
-    plan = plan_for(module, devices)
+    if automatic:
+        from .hf.plans import _probe_inputs
+        plan = plan_for(module, devices, example_inputs=_probe_inputs(module), builtin=False)
+    else:
+        plan = plan_for(module, devices)
     counts = expected_collectives(module, plan, devices)
     sys.stdout.write(format_plan(plan) + "\n")
     sys.stdout.write(f"collectives per forward over {devices} devices: "

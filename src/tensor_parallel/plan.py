@@ -21,12 +21,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from .styles import (ColwiseParallel, EmbeddingParallel, RowwiseParallel, Style,
-                     linear_kind)
+                     linear_kind, linear_view)
 
 __all__ = ["Plan", "resolve_plan", "plan_for", "format_plan", "path_matches", "expected_collectives"]
 
@@ -128,11 +125,17 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
              example_inputs: Mapping[str, Any] | tuple | None = None, builtin: bool = True) -> Plan:
     """A plan that splits every linear-like layer and embedding of ``module``, always correctly.
 
+    Embeddings are split when they have at least half the rows of the largest one: smaller
+    tables (positions, token types) stay whole, which saves their collective.
+
     Column -> row pairs (one all-reduce per pair) are used where tracing proves that the split
     output reaches the next layer through elementwise work only; every other linear-like layer
     is split by output features and gathered right after. Layers that share a weight, or
-    whose weights the forward reads directly, are replicated. When fx cannot trace the module,
-    ``example_inputs`` (positional tuple or keyword dict) lets one real forward find those reads.
+    whose weights the forward reads directly, are replicated. With ``example_inputs``
+    (positional tuple or keyword dict; meta tensors on a meta model) one traced forward also
+    finds attention heads and pairs through reshapes and transposes, and every region it
+    splits is checked against the unsplit module (:mod:`tensor_parallel.autoplan`); without
+    them, ``torch.fx`` tracing finds the elementwise pairs.
     A transformers model gets its built-in or shipped plan unless ``builtin=False``.
 
     Example::
@@ -148,18 +151,30 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         return plan_for_pretrained(module, world_size or 2)
     candidates = {path: sub for path, sub in module.named_modules()
                   if _splittable(sub) and not _inside_builtin(module, path)}
-    graph = _trace(module)
-    direct = _read_directly(graph) if graph is not None else _read_at_run_time(module, example_inputs)
+    inside_adapters = [f"{path}." for path, sub in candidates.items() if linear_view(sub)[2] is not None]
+    candidates = {path: sub for path, sub in candidates.items() if not path.startswith(tuple(inside_adapters))}
+    flow = _trace_flow(module, example_inputs)
+    graph = _trace(module) if flow is None else None
+    direct = flow.read_directly(module) if flow is not None else _read_directly(graph)
     for path in _tied_modules(module) | direct:
         candidates.pop(path, None)
     if graph is not None:  # a layer the traced forward never calls is used some other way
         called = {node.target for node in graph.nodes if node.op == "call_module"}
         candidates = {path: sub for path, sub in candidates.items() if path in called}
-    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
     plan: Plan = {}
+    if flow is not None:
+        from .autoplan import flow_plan
+
+        plan = flow_plan(module, candidates, flow, world_size or 2)
+    roles = _pair(graph, candidates, dict(module.named_modules())) if graph is not None else {}
+    rows = {path: sub.num_embeddings for path, sub in candidates.items()
+            if isinstance(sub, (nn.Embedding, nn.EmbeddingBag))}
     for path, sub in candidates.items():
-        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
-            plan[path] = EmbeddingParallel(dim=1)
+        if any(path == done or path.startswith(done + ".") or not done for done in plan):
+            continue
+        if path in rows:
+            if 2 * rows[path] >= max(rows.values()):  # small tables (positions, token types) stay whole
+                plan[path] = EmbeddingParallel(dim=1)
         elif roles.get(path) == "col":
             plan[path] = ColwiseParallel()
         elif roles.get(path) == "row":
@@ -167,6 +182,56 @@ def plan_for(module: nn.Module, world_size: int | None = None, *,
         else:
             plan[path] = ColwiseParallel(gather_output=True)
     return plan
+
+
+def _trace_flow(module: nn.Module, example_inputs):
+    """One recorded forward on ``example_inputs``, or on a guessed input when there are none;
+    None when there is nothing to run or the forward fails."""
+    inputs = _guess_inputs(module) if example_inputs is None else example_inputs
+    if inputs is None:
+        return None
+    from .autoplan import trace_flow
+
+    try:
+        return trace_flow(module, inputs, _splittable)
+    except Exception as error:  # planning is best effort: the always-correct plan remains
+        if example_inputs is not None:
+            logger.info("running %s on its example inputs failed (%s: %s); layers are paired by fx "
+                        "tracing only", type(module).__name__, type(error).__name__, error)
+        return None
+
+
+def _guess_inputs(module: nn.Module) -> tuple | None:
+    """A small input for a forward with one required argument, from the first layer that has
+    a weight: token ids for an embedding, (2, 3, features) for a linear layer, a 16 x 16 image
+    for a convolution; None for other forwards."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = next((sub for sub in module.modules() if isinstance(sub._parameters.get("weight"), torch.Tensor)), None)
+    if len(required) != 1 or first is None:
+        return None
+    device = first.weight.device
+    dtype = first.weight.dtype if first.weight.is_floating_point() else torch.float32
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        guess = _guess(first, device, dtype)
+    return None if guess is None else (guess,)
+
+
+def _guess(first: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, min(first.num_embeddings, 8), (1, 4), device=device)
+    if isinstance(first, nn.Linear):
+        return torch.randn(2, 3, first.in_features, device=device, dtype=dtype)
+    if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        size = (first.in_channels,) + (16,) * (first.weight.dim() - 2)
+        return torch.randn(1, *size, device=device, dtype=dtype)
+    return None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -209,6 +274,9 @@ def expected_collectives(module: nn.Module, plan: Mapping[str, Style], world_siz
 
 
 def _splittable(module: nn.Module) -> bool:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # an adapter layer (LoRA) splits as its base layer does, adapters alike
+        return kind is not None and _splittable(base)
     weight = module._parameters.get("weight")  # not getattr: fx's tracer records those reads
     if not isinstance(weight, torch.Tensor) or not (weight.dtype.is_floating_point or weight.dtype.is_complex):
         return False  # integer (quantized) weights: partial sums across ranks are not defined
@@ -278,53 +346,6 @@ def _read_directly(graph: fx.Graph | None) -> set[str]:
     return {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
 
 
-class _ParameterReads(TorchFunctionMode):
-    """Records modules whose parameters an op reads while another module's forward runs."""
-
-    def __init__(self, owners: Mapping[int, str], running: list[str]) -> None:
-        super().__init__()
-        self.owners, self.running, self.foreign = owners, running, set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for value in pytree.tree_leaves((args, kwargs)):
-            owner = self.owners.get(id(value)) if isinstance(value, nn.Parameter) else None
-            if owner is not None and (not self.running or self.running[-1] != owner):
-                self.foreign.add(owner)
-        return func(*args, **kwargs)
-
-
-def _read_at_run_time(module: nn.Module, example_inputs) -> set[str]:
-    """Paths of modules whose weights are read outside their own forward, found by one real
-    forward on ``example_inputs``; nothing found without inputs or on the meta device."""
-    if example_inputs is None or any(p.device.type == "meta" for p in module.parameters()):
-        return set()
-    owners = {id(p): path for path, sub in module.named_modules() for p in sub.parameters(recurse=False)}
-    names = {id(sub): path for path, sub in module.named_modules()}
-    running: list[str] = []
-
-    def push(module: nn.Module, args) -> None:
-        running.append(names.get(id(module), "?"))
-
-    def pop(module: nn.Module, args, output) -> None:  # returns None: the output is kept
-        running.pop()
-
-    enter = register_module_forward_pre_hook(push)
-    leave = register_module_forward_hook(pop)
-    reads = _ParameterReads(owners, running)
-    try:
-        with torch.no_grad(), reads:
-            args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
-            module(*args, **kwargs)
-    except Exception as error:  # the probe is best effort: without it, no pairs are made
-        logger.info("probe forward of %s failed (%s: %s)", type(module).__name__, type(error).__name__, error)
-        return {path for path in owners.values()}
-    finally:
-        enter.remove()
-        leave.remove()
-    return reads.foreign
-
-
 def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],
           modules: Mapping[str, nn.Module]) -> dict[str, str]:
     """Module path -> "col" or "row" for the pairs the traced data flow proves safe."""
@@ -332,7 +353,7 @@ def _pair(graph: fx.Graph, candidates: Mapping[str, nn.Module],
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    usable = {p: m for p, m in candidates.items() if calls.get(p) == 1 and linear_kind(m) is not None}
+    usable = {p: m for p, m in candidates.items() if calls.get(p) == 1 and linear_view(m)[1] is not None}
     roles: dict[str, str] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in usable and node.target not in roles:
@@ -349,9 +370,9 @@ class _Region:
 
     def __init__(self, start: fx.Node, usable, roles, modules) -> None:
         self.usable, self.roles, self.modules = usable, roles, modules
-        kind = linear_kind(usable[start.target])
+        kind = linear_view(usable[start.target])[1]
         self.feature_dim = kind.feature_dim
-        self.size = usable[start.target].weight.shape[kind.out_dim]
+        self.size = self._weight(start).shape[kind.out_dim]
         self.sources, self.sinks, self.inner = {start}, set(), set()
         self.forward_queue: list[fx.Node] = [start]
         self.backward_queue: list[fx.Node] = []
@@ -367,8 +388,12 @@ class _Region:
     def _layer(self, node: fx.Node):
         if node.op != "call_module" or node.target not in self.usable or node.target in self.roles:
             return None
-        kind = linear_kind(self.usable[node.target])
+        kind = linear_view(self.usable[node.target])[1]
         return kind if kind.feature_dim == self.feature_dim else None
+
+    def _weight(self, node: fx.Node) -> torch.Tensor:
+        """The weight of the layer ``node`` calls (of its base layer, for an adapter layer)."""
+        return linear_view(self.usable[node.target])[0].weight
 
     def _follow_users(self, node: fx.Node) -> bool:
         for user in node.users:
@@ -376,7 +401,7 @@ class _Region:
                 continue
             kind = self._layer(user)
             if kind is not None and _tensor_args(user) == [node] and user not in self.sources \
-                    and self.usable[user.target].weight.shape[kind.in_dim] == self.size:
+                    and self._weight(user).shape[kind.in_dim] == self.size:
                 self.sinks.add(user)
             elif _is_elementwise(user, self.modules):
                 self.inner.add(user)
@@ -391,7 +416,7 @@ class _Region:
             return True
         kind = self._layer(node)
         if kind is not None and node not in self.sinks \
-                and self.usable[node.target].weight.shape[kind.out_dim] == self.size:
+                and self._weight(node).shape[kind.out_dim] == self.size:
             self.sources.add(node)
             self.forward_queue.append(node)
             return True

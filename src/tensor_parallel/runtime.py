@@ -8,15 +8,17 @@ autocast settings are carried into every worker.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import weakref
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
+from .legacy import Config, allow_legacy_unpacking
+from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
-from .split import build_shards, gather_tensor
+from .adapters import _SplitLayers
+from .sharding import shard_replicated
+from .split import Shard, build_shards, gather_tensor, relocate_shards
 from .styles import Replicate, Style
 
 __all__ = ["TensorParallel", "tensor_parallel", "parse_devices", "RankLocal"]
@@ -50,7 +56,7 @@ def parse_devices(device_ids: Sequence[DeviceLike] | None) -> list[torch.device]
     """
     if device_ids is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
+        if count == 0:  # the original ran the module whole here, silently
             raise ValueError("device_ids=None means every visible CUDA device, but none is visible; "
                              "pass device_ids explicitly, e.g. ['cpu', 'cpu'] to split on the CPU")
         return [torch.device("cuda", i) for i in range(count)]
@@ -241,9 +247,15 @@ class _Placement:
     runner: Any
 
 
-def _placement(device_ids, process_group, timeout: float) -> _Placement:
+def _placement(device_ids, process_group, timeout: float, distributed: bool | None = None) -> _Placement:
     """Threads over ``device_ids`` in this process, or this process's rank of a job (when
-    torch.distributed is initialised and ``device_ids`` is None, or names this rank's one device)."""
+    torch.distributed is initialised and ``device_ids`` is None, or names this rank's one device).
+    ``distributed=False`` always means threads in this process."""
+    if distributed is False:
+        if process_group is not None:
+            raise ValueError("distributed=False runs one thread per device in this process; it takes "
+                             "device_ids, not a process_group")
+        return _thread_placement(device_ids, timeout)
     joined = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     own_device = None
     if process_group is None and joined and device_ids is not None and len(device_ids) == 1:
@@ -252,16 +264,20 @@ def _placement(device_ids, process_group, timeout: float) -> _Placement:
     if process_group is None and device_ids is None and joined:
         process_group = dist.group.WORLD
     if process_group is None:
-        devices = parse_devices(device_ids)
-        group = ThreadGroup(devices, timeout=timeout)
-        return _Placement("threads", len(devices), list(range(len(devices))), devices,
-                          [group.communicator(r) for r in range(len(devices))], ShardRunner(group))
+        return _thread_placement(device_ids, timeout)
     if device_ids is not None:
         raise ValueError("pass either device_ids (one process, one thread per device) or a process "
                          "group (one process per rank, under torchrun), not both")
     comm = DistributedCommunicator(_group_of(process_group))
     device = own_device or _local_device(comm.group)
     return _Placement("torch.distributed", comm.world_size, [comm.rank], [device], [comm], _LocalRunner())
+
+
+def _thread_placement(device_ids, timeout: float) -> _Placement:
+    devices = parse_devices(device_ids)
+    group = ThreadGroup(devices, timeout=timeout)
+    return _Placement("threads", len(devices), list(range(len(devices))), devices,
+                      [group.communicator(r) for r in range(len(devices))], ShardRunner(group))
 
 
 def _group_of(process_group):
@@ -312,6 +328,17 @@ class TensorParallel(nn.Module):
     slices and, once per device, the replicated parameters, so an optimizer over
     ``model.parameters()`` steps the split model exactly as the unsharded one.
 
+    The positional arguments are the original library's, in its order:
+    ``output_device_index`` picks ``device_ids[index]`` as the output device;
+    ``tensor_parallel_config`` is a legacy :class:`~tensor_parallel.Config`, translated into a
+    plan; ``delay_init=True`` builds the shards on the CPU and moves each to its device at the
+    first call; ``distributed=False`` keeps one thread per device even under torch.distributed;
+    ``sharded=True`` (or ``sharded_param_names`` alone) stores the replicated parameters once,
+    cut 1/N over the ranks, and gathers them for use (ZeRO-3; see
+    :func:`~tensor_parallel.sharding.shard_replicated`); ``sharded_param_names`` limits that
+    to the named parameters. Our own options are keyword-only: ``plan``, ``timeout``,
+    ``process_group``, ``example_inputs``.
+
     Example::
 
         >>> import torch, tensor_parallel as tp
@@ -324,29 +351,84 @@ class TensorParallel(nn.Module):
         True
     """
 
-    def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
-                 plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
-                 timeout: float = 600.0, process_group: Any = None) -> None:
+    def __init__(self, module: nn.Module, device_ids: Sequence[DeviceLike] | None = None,
+                 output_device: DeviceLike | None = None, output_device_index: int | None = None,
+                 tensor_parallel_config: Config | None = None, delay_init: bool = False, distributed: bool | None = True,
+                 sharded: bool | None = None, sharded_param_names: Collection[str] | None = None, *,
+                 plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None,
+                 example_inputs: Any = None) -> None:
         super().__init__()
+        sharded = _wants_sharding(sharded, sharded_param_names)
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
-        placement = _placement(device_ids, process_group, timeout)
+        placement = _placement(device_ids, process_group, timeout, distributed)
         world_size = placement.world_size
-        if plan is None:
-            plan = plan_for(module, world_size)
+        plan = _choose_plan(module, plan, tensor_parallel_config, world_size, example_inputs)
         self.plan = resolve_plan(module, plan, world_size)
         self.devices, self.shard_ranks, self.world_size = placement.devices, placement.ranks, world_size
-        self.output_device = self.devices[0] if output_device is None else \
-            _check_available(_parse_device(output_device), output_device)
-        shards, self.layout = build_shards(module, self.plan, placement.devices, placement.comms,
+        self.output_device = _output_device(self.devices, output_device, output_device_index)
+        build_on = [torch.device("cpu")] * len(placement.devices) if delay_init else placement.devices
+        shards, self.layout = build_shards(module, self.plan, build_on, placement.comms,
                                            world_size=world_size, ranks=placement.ranks)
         self.module_shards = nn.ModuleList(shards)
+        self.need_delayed_init = bool(delay_init)
         self._runner = placement.runner
         self._comms = placement.comms
+        self.sharded_keys: set[str] = set()
+        self.split_layers = _SplitLayers(shards)
+        self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
+        self.register_load_state_dict_pre_hook(_cut_full_tensors)
         self.install_gradient_sums()
+        if sharded:
+            self.apply_sharding(sharded_param_names)
         logger.info("split %s over %d ranks (%s here): %d layers split, the rest replicated",
                     type(module).__name__, world_size, placement.mode,
                     sum(not isinstance(style, Replicate) for style in self.plan.values()))
+
+    @property
+    def tensor_parallel_config(self) -> Config:
+        """The split as a legacy :class:`~tensor_parallel.Config`: one exact state rule per
+        split tensor, and the plan itself, so :func:`~tensor_parallel.convert_state_dict` cuts a
+        state dict exactly as this model holds it.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+            >>> model.tensor_parallel_config.plan
+            {'0': ColwiseParallel(gather_output=True)}
+        """
+        return Config.from_layout(self.layout, self.plan, self.world_size)
+
+    def set_preserve_shards_when_saving(self, value: bool) -> None:
+        """The original's switch: ``False`` makes ``state_dict()`` return the unsharded state
+        (what ``tp.save_tensor_parallel(model)`` does inside its block), ``True`` the split one.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+            >>> model.set_preserve_shards_when_saving(False); sorted(model.state_dict())
+            ['0.bias', '0.weight']
+        """
+        from .checkpoint import set_unsharded_saving
+
+        set_unsharded_saving(self, not value)
+
+    def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
+        """Store the replicated parameters once, cut 1/N over the ranks, gathered for use
+        (ZeRO-3, :func:`~tensor_parallel.sharding.shard_replicated`); ``sharded_param_names``
+        (the original module's names) limits it to those. Calling it again shards what is left.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+            >>> model = tp.TensorParallel(mlp, ["cpu", "cpu"])
+            >>> model.apply_sharding(["1.weight"]); sorted(model.sharded_keys)
+            ['1.weight']
+        """
+        shard_replicated(self, sharded_param_names)
 
     @property
     def distributed(self) -> bool:
@@ -355,6 +437,16 @@ class TensorParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_output(self.run_shards(_call_shard, *args, **kwargs)[0])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict`` (keys ``module_shards.<rank>.<key>``, as
+        :func:`~tensor_parallel.convert_state_dict` makes them), and tensors still on the meta
+        device (a model built under ``init_empty_weights``) get their piece on their device."""
+        from .checkpoint import load_split_state_dict
+
+        if assign or not any(t.device.type == "meta" for t in nn.Module.state_dict(self, keep_vars=True).values()):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_split_state_dict(self, state_dict, strict=strict)
 
     def install_gradient_sums(self) -> None:
         """Make ranks that hold overlapping slices of a tensor (a KV head replicated inside a
@@ -378,6 +470,20 @@ class TensorParallel(nn.Module):
         """
         return _to_device(output, self.output_device)
 
+    def place_delayed(self) -> None:
+        """Move shards built with ``delay_init=True`` to their devices (done by the first call).
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"], delay_init=True)
+            >>> model.place_delayed(); model.need_delayed_init
+            False
+        """
+        if self.need_delayed_init:
+            relocate_shards(self.module_shards, self.devices)
+            self.need_delayed_init = False
+
     def run_shards(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``fn(shard, *args, **kwargs)`` on every rank at once, with the arguments moved
         to that rank's device (and :class:`RankLocal` ones resolved); return every rank's result.
@@ -389,6 +495,8 @@ class TensorParallel(nn.Module):
             >>> [out.shape for out in model.run_shards(lambda shard, x: shard(x), torch.ones(1, 2))]
             [torch.Size([1, 4]), torch.Size([1, 4])]
         """
+        self.place_delayed()
+        self.adopt_adapters()
         calls = []
         for rank, shard, device in zip(self.shard_ranks, self.module_shards, self.devices):
             rank_args, rank_kwargs = _to_device((args, kwargs), device, rank)
@@ -406,16 +514,131 @@ class TensorParallel(nn.Module):
             >>> all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
             True
         """
+        self.adopt_adapters()
         states = [shard.state_dict() for shard in self.module_shards]
-        return {key: gather_tensor(shard, [s[key] for s in states], device)
+        return {key: gather_tensor(shard, self._pieces(shard, [s[key] for s in states]), device)
                 for key, shard in self.layout.items()}
+
+    def _pieces(self, shard: Shard | None, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's slice of one tensor: all here in one process, all-gathered from the
+        other processes under torch.distributed (every rank must ask for the same keys)."""
+        if shard is None or not self.distributed:
+            return local
+        sizes = [shard.local_size(r) for r in range(self.world_size)]
+        dim = shard.dim % local[0].dim()
+        return list(self._comms[0].all_gather(local[0].detach(), dim, sizes).split(sizes, dim))
+
+    def adopt_adapters(self) -> None:
+        """Take over adapter layers (peft's LoRA) added to the shards since the last call; see
+        :func:`tensor_parallel.adapters.adopt_adapters`. Called before every run, save and load."""
+        if hasattr(self, "split_layers"):
+            from .adapters import adopt_adapters
+
+            adopt_adapters(self)
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        self.adopt_adapters()
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The split state (keys ``module_shards.<rank>.<key>``), or inside
+        :func:`~tensor_parallel.save_tensor_parallel` the original module's (full tensors)."""
+        self.adopt_adapters()
+        if not self._unsharded_view:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        destination = collections.OrderedDict() if destination is None else destination
+        for key, tensor in self.unsharded_state_dict().items():
+            destination[prefix + key] = tensor
+        return destination
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
+        original module's names (rank 0's shard stands for it), so that savers that pick
+        entries of ``state_dict()`` by module (peft's adapter saving) find them."""
+        if self._unsharded_view:
+            yield from _original_named_modules(self, self, memo, prefix, remove_duplicate)
+        else:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
 
     def extra_repr(self) -> str:
         return f"devices={[str(d) for d in self.devices]}"
 
 
+def _original_named_modules(owner: nn.Module, split: TensorParallel, memo: set | None, prefix: str,
+                           remove_duplicate: bool = True):
+    """``owner`` (a split model, or the model holding one), then the original module's
+    submodules by their original names (rank 0's copies stand for them)."""
+    memo = set() if memo is None else memo
+    if owner not in memo:
+        memo.add(owner)
+        yield prefix, owner
+    root = split.module_shards[0]
+    for name, module in root.named_modules(memo, prefix, remove_duplicate):
+        if module is not root:
+            yield name, module
+
+
+def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a split model (or of a model holding one as
+    ``wrapped_model``): tensors under the original keys are cut into each rank's slice, so an
+    ordinary state (adapter weights, say) loads into the split model."""
+    split = getattr(module, "wrapped_model", module)
+    if not isinstance(split, TensorParallel):
+        return
+    split.adopt_adapters()
+    if "peft" in sys.modules:  # peft writes adapter checkpoints without the adapter's name
+        from .hf.peft import rename_adapter_keys
+
+        rename_adapter_keys(split.layout, state_dict, prefix)
+    inner = prefix + ("wrapped_model." if split is not module else "")
+    for key, shard in split.layout.items():
+        full = state_dict.pop(prefix + key, None)
+        if full is None:
+            continue
+        for index, rank in enumerate(split.shard_ranks):
+            state_dict[f"{inner}module_shards.{index}.{key}"] = full if shard is None else shard.take(full, rank)
+
+
 def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return shard(*args, **kwargs)
+
+
+def _wants_sharding(sharded: bool | None, names: Collection[str] | None) -> bool:
+    """ZeRO-3 or not. ``sharded=None``, the original's default, means off unless names are given
+    (its factory ignored the names then; here they mean what they say)."""
+    if sharded is None:
+        return names is not None
+    if names is not None and not sharded:
+        raise ValueError("sharded_param_names is given but sharded=False; pass sharded=True to shard them")
+    return bool(sharded)
+
+
+def _choose_plan(module: nn.Module, plan: Mapping[str, Style] | None, config: Config | None, world_size: int,
+                 example_inputs: Any = None) -> Mapping[str, Style]:
+    """``plan``, or the plan a legacy ``Config`` translates to, or the default plan."""
+    if config is None:
+        return plan_for(module, world_size, example_inputs=example_inputs) if plan is None else plan
+    if plan is not None:
+        raise ValueError("pass either plan= (styles) or tensor_parallel_config= (a legacy tp.Config), not both")
+    if not isinstance(config, Config):
+        raise TypeError(f"tensor_parallel_config must be a tp.Config, got {type(config).__name__}; "
+                        f"to give styles, pass plan= instead")
+    return config_to_plan(config, module, world_size)
+
+
+def _output_device(devices: Sequence[torch.device], output_device: DeviceLike | None,
+                   output_device_index: int | None) -> torch.device:
+    if output_device is not None and output_device_index is not None:
+        raise ValueError("pass either output_device or output_device_index, not both")
+    if output_device_index is not None:
+        if isinstance(output_device_index, bool) or not isinstance(output_device_index, int) \
+                or not -len(devices) <= output_device_index < len(devices):
+            raise ValueError(f"output_device_index={output_device_index!r} must index the devices of this "
+                             f"process, {[str(d) for d in devices]}")
+        return devices[output_device_index]
+    if output_device is None:
+        return devices[0]
+    return _check_available(_parse_device(output_device), output_device)
 
 
 def _is_hf_pretrained(module: nn.Module) -> bool:
@@ -424,14 +647,35 @@ def _is_hf_pretrained(module: nn.Module) -> bool:
                for cls in type(module).__mro__)
 
 
-def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None = None, *,
+def _is_peft_model(module: nn.Module) -> bool:
+    """A peft PeftModel, recognised without importing peft."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft")
+               for cls in type(module).__mro__)
+
+
+def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None = None,
+                    tensor_parallel_config: Config | None = None, distributed: bool | None = None,
+                    sharded: bool | None = None, sharded_param_names: Collection[str] | None = None, *,
                     plan: Mapping[str, Style] | None = None, output_device: DeviceLike | None = None,
                     **options: Any) -> nn.Module:
     """Split ``module`` over ``device_ids`` and return a module that runs like it.
 
     ``device_ids`` lists one device per shard (repeats allowed: ``["cpu", "cpu"]``); ``None``
-    means every visible GPU. ``plan`` maps module-path patterns to styles; without one,
-    :func:`~tensor_parallel.plan.plan_for` derives one.
+    means every visible GPU, or this rank's device under torch.distributed. ``plan`` maps
+    module-path patterns to styles; without one, :func:`~tensor_parallel.plan.plan_for`
+    derives one (``example_inputs=``, a tuple of positional inputs or a dict of keyword inputs,
+    small is best, lets it trace one forward and split attention heads and every column -> row
+    pair it finds, each checked). A transformers model becomes a
+    :class:`~tensor_parallel.TensorParallelPreTrainedModel`; a peft model (LoRA) comes back as
+    a peft model around the split model, each adapter cut like its layer (see
+    :mod:`tensor_parallel.hf.peft`).
+
+    The other positional arguments are the original library's: ``tensor_parallel_config`` (a
+    legacy :class:`~tensor_parallel.Config`, translated into a plan), ``distributed``
+    (``None``: one process per rank when torch.distributed is initialised; ``True`` requires
+    it; ``False`` never), ``sharded`` and ``sharded_param_names`` (ZeRO-3 of the replicated
+    parameters, see :func:`~tensor_parallel.sharding.shard_replicated`; off unless asked for). Keyword options: ``output_device``,
+    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``.
 
     Example::
 
@@ -441,14 +685,39 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
         >>> model(torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    allowed = {"timeout", "process_group"}
+    allowed = {"timeout", "process_group", "output_device_index", "delay_init", "example_inputs"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "
-                        f"device_ids, plan, output_device and {sorted(allowed)}")
+                        f"device_ids, tensor_parallel_config, distributed, sharded, sharded_param_names, "
+                        f"plan, output_device and {sorted(allowed)}")
+    if distributed:
+        _check_distributed_request(device_ids, options.get("process_group"))
+    legacy = dict(tensor_parallel_config=tensor_parallel_config, distributed=distributed,
+                  sharded=sharded, sharded_param_names=sharded_param_names)
+    if _is_peft_model(module):  # split the model inside, adapters included; a peft model comes back
+        from .hf.peft import split_peft_model
+        return split_peft_model(module, device_ids, plan=plan, output_device=output_device, **legacy, **options)
     if _is_hf_pretrained(module):
         from .hf import TensorParallelPreTrainedModel
-        return TensorParallelPreTrainedModel(module, device_ids, output_device=output_device,
-                                             plan=plan, **options)
-    return TensorParallel(module, device_ids, plan=plan, output_device=output_device, **options)
+        model: nn.Module = TensorParallelPreTrainedModel(module, device_ids, output_device=output_device,
+                                                         plan=plan, **legacy, **options)
+        multi_process = model.wrapped_model.distributed
+    else:
+        model = TensorParallel(module, device_ids, output_device=output_device, plan=plan, **legacy, **options)
+        multi_process = model.distributed
+    if multi_process:  # the original returned (module, names) here: unpacking still works, with a warning
+        allow_legacy_unpacking(model)
+    return model
 
+
+def _check_distributed_request(device_ids: Sequence[DeviceLike] | None, process_group: Any) -> None:
+    """``distributed=True``: one process per rank, so torch.distributed must be initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True splits over the processes of a torch.distributed job, but "
+                         "torch.distributed is not initialised; launch with torchrun and call "
+                         "torch.distributed.init_process_group() first, or pass device_ids to split "
+                         "over the devices of this process")
+    if device_ids is not None and len(device_ids) != 1:
+        raise ValueError(f"distributed=True: each process holds one rank, so device_ids must be None or "
+                         f"this rank's one device, got {list(device_ids)}")

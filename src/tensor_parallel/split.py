@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .comm import Communicator
     from .styles import Style
 
-__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for"]
+__all__ = ["Shard", "split_sizes", "even_shard", "assign_heads", "build_shards", "gather_tensor", "layout_for",
+           "relocate_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -290,27 +291,89 @@ def _copy_in_forward(module: nn.Module, names: Sequence[str], device: torch.devi
     """``module`` holds master parameters that live on another device: during its forward it
     uses copies on ``device`` (made differentiably, so gradients reach the master; cached
     while the master is unchanged when no gradient is needed), and the masters otherwise."""
-    stash: dict[str, nn.Parameter] = {}
-    cached: dict[str, tuple[int, int, torch.Tensor]] = {}
+    copies = _RemoteCopies(list(names), device)
+    module.register_forward_pre_hook(copies.swap_in)
+    module.register_forward_hook(copies.swap_out, always_call=True, prepend=True)  # last in, first out
 
-    def local_copy(name: str, master: nn.Parameter) -> torch.Tensor:
+
+class _RemoteCopies:
+    """The forward hooks of :func:`_copy_in_forward` and the names they swap (a list that
+    :func:`_stop_copying` shortens when a parameter comes to live on this rank's device)."""
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names, self.device = names, device
+        self.stash: dict[str, nn.Parameter] = {}
+        self.cached: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+    def local_copy(self, name: str, master: nn.Parameter) -> torch.Tensor:
         if torch.is_grad_enabled() and master.requires_grad:
-            return master.to(device)
+            return master.to(self.device)
         mark = (id(master), master._version)
-        if name not in cached or cached[name][:2] != mark:
-            cached[name] = (*mark, master.detach().to(device))
-        return cached[name][2]
+        if name not in self.cached or self.cached[name][:2] != mark:
+            self.cached[name] = (*mark, master.detach().to(self.device))
+        return self.cached[name][2]
 
-    def swap_in(mod: nn.Module, args) -> None:
-        for name in names:  # the master now held (a load may have replaced the object)
-            stash[name] = mod._parameters[name]
-            mod._parameters[name] = local_copy(name, stash[name])  # a plain tensor, for this call
+    def swap_in(self, module: nn.Module, args) -> None:
+        for name in self.names:  # the master now held (a load may have replaced the object)
+            self.stash[name] = module._parameters[name]
+            module._parameters[name] = self.local_copy(name, self.stash[name])  # a plain tensor, for this call
 
-    def swap_out(mod: nn.Module, args, output) -> None:
-        mod._parameters.update(stash)
+    def swap_out(self, module: nn.Module, args, output) -> None:
+        module._parameters.update(self.stash)
+        self.stash.clear()
 
-    module.register_forward_pre_hook(swap_in)
-    module.register_forward_hook(swap_out, always_call=True)
+
+def _refresh_copies(module: nn.Module) -> None:
+    """Drop the copies ``module``'s forward keeps of masters on another device (their values
+    changed without a version bump, e.g. through ``.data``); the next forward copies anew."""
+    for hook in module._forward_pre_hooks.values():
+        copies = getattr(hook, "__self__", None)
+        if isinstance(copies, _RemoteCopies):
+            copies.cached.clear()
+
+
+def _stop_copying(module: nn.Module, name: str) -> None:
+    """``module``'s parameter ``name`` now lives on this rank's device: its forward no longer
+    copies it from another device (no-op if it never did)."""
+    for hook in module._forward_pre_hooks.values():
+        copies = getattr(hook, "__self__", None)
+        if isinstance(copies, _RemoteCopies) and name in copies.names:
+            copies.names.remove(name)
+            copies.cached.pop(name, None)
+
+
+def relocate_shards(shards: Sequence[nn.Module], devices: Sequence[torch.device]) -> None:
+    """Move shards built elsewhere (``delay_init=True`` builds them on the CPU) to ``devices``,
+    one per shard, keeping what :func:`build_shards` guarantees: a Parameter that several ranks
+    hold (a replicated tensor) stays one object, living on the device of the first rank that
+    holds it, and ranks on other devices copy it in forward. Meta tensors stay on meta.
+
+    Example::
+
+        >>> import torch, tensor_parallel as tp
+        >>> model = tp.TensorParallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"], delay_init=True)
+        >>> relocate_shards(model.module_shards, [torch.device("cpu")] * 2)
+        >>> model.module_shards[1][0].weight.device
+        device(type='cpu')
+    """
+    home: dict[int, torch.device] = {}
+    for shard, device in zip(shards, devices):
+        moved: dict[int, torch.Tensor] = {}  # this rank's buffers: a tied buffer moves once
+        remote: dict[nn.Module, list[str]] = {}
+        for sub in shard.modules():
+            for name, param in sub._parameters.items():
+                if param is None or param.device.type == "meta":
+                    continue
+                if id(param) not in home:
+                    home[id(param)] = device
+                    param.data = param.data.to(device)
+                elif home[id(param)] != device:
+                    remote.setdefault(sub, []).append(name)
+            for name, buffer in sub._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    sub._buffers[name] = moved.setdefault(id(buffer), buffer.to(device))
+        for sub, names in remote.items():
+            _copy_in_forward(sub, names, device)
 
 
 def layout_for(module: nn.Module, plan: Mapping[str, "Style"], world_size: int) -> dict[str, Shard | None]:

@@ -16,12 +16,14 @@ import abc
 import copy
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .comm import Communicator
 from .split import Shard, assign_heads, even_shard
@@ -36,6 +38,8 @@ __all__ = [
     "Replicate",
     "LinearKind",
     "register_linear_kind",
+    "AdapterKind",
+    "register_adapter_kind",
 ]
 
 
@@ -108,14 +112,157 @@ def linear_kind(module: nn.Module) -> LinearKind | None:
 
     A subclass that overrides ``forward`` is not plain: its forward may depend on the sizes.
     """
-    for cls in type(module).__mro__:
+    own = type(module).__bases__[-1] if isinstance(module, _Parallel) else type(module)  # split: its class
+    for cls in own.__mro__:
         if cls in _LINEAR_KINDS:
-            if type(module).forward is not cls.forward:
+            if own.forward is not cls.forward:
                 return None
             if getattr(module, "groups", 1) != 1:
                 return None
             return _LINEAR_KINDS[cls]
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter layers: a linear-like base layer plus low-rank branches (LoRA)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """How a layer that adds low-rank branches to a linear-like base layer is built:
+    ``y = base(x) + sum(up(down(x)))``. ``base`` is the base layer's child path,
+    ``branches(module)`` lists each branch's (down, up) child paths (linear-like layers), and
+    ``check(module, path)`` raises for variants whose branches cannot be split that way.
+
+    The column and row styles cut a registered layer consistently: column split, each ``up``
+    by output features like the base (``down`` replicated); row split, each ``down`` by input
+    features like the base, all-reduced, then ``up`` replicated.
+
+    Example::
+
+        >>> from tensor_parallel.styles import adapter_kind
+        >>> from peft.tuners.lora import Linear   # registered when peft's layers are met
+        >>> import torch, peft
+        >>> layer = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+        ...                             peft.LoraConfig(target_modules=["0"], r=2)).base_model.model[0]
+        >>> kind = adapter_kind(layer)
+        >>> kind.base, kind.branches(layer)
+        ('base_layer', [('lora_A.default', 'lora_B.default')])
+    """
+
+    base: str
+    branches: Callable[[nn.Module], list[tuple[str, str]]]
+    check: Callable[[nn.Module, str], None] = lambda module, path: None
+
+
+_ADAPTER_KINDS: dict[type, AdapterKind] = {}
+
+
+def register_adapter_kind(cls: type[nn.Module], kind: AdapterKind) -> None:
+    """Teach the column and row styles a layer type that wraps a linear-like layer with
+    low-rank branches (peft's LoRA ``Linear`` is registered already).
+
+    Example::
+
+        >>> import torch
+        >>> from tensor_parallel.styles import AdapterKind, register_adapter_kind
+        >>> class Adapted(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.base, self.down, self.up = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 8)
+        ...     def forward(self, x):
+        ...         return self.base(x) + self.up(self.down(x))
+        >>> register_adapter_kind(Adapted, AdapterKind("base", lambda m: [("down", "up")]))
+    """
+    _ADAPTER_KINDS[cls] = kind
+
+
+def adapter_kind(module: nn.Module) -> AdapterKind | None:
+    """The :class:`AdapterKind` of ``module``, or None if it is no registered adapter layer.
+
+    Example::
+
+        >>> import torch
+        >>> adapter_kind(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    own = type(module).__bases__[-1] if isinstance(module, _Parallel) else type(module)  # split: its class
+    if own.__module__.startswith("peft."):
+        import importlib
+
+        importlib.import_module("tensor_parallel.hf.peft")  # registers peft's layers (peft is loaded)
+    for cls in own.__mro__:
+        if cls in _ADAPTER_KINDS:
+            return _ADAPTER_KINDS[cls]
+    return None
+
+
+def linear_view(module: nn.Module) -> tuple[nn.Module, LinearKind | None, AdapterKind | None]:
+    """The linear-like layer that holds ``module``'s weight (its base layer for an adapter
+    layer), that layer's kind, and the adapter kind (None for a plain layer).
+
+    Example::
+
+        >>> import torch
+        >>> base, kind, adapter = linear_view(torch.nn.Linear(2, 3))
+        >>> kind.out_dim, adapter
+        (0, None)
+    """
+    adapter = adapter_kind(module)
+    base = module.get_submodule(adapter.base) if adapter else module
+    return base, linear_kind(base), adapter
+
+
+def _branches(module: nn.Module, adapter: AdapterKind | None) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    if adapter is None:
+        return []
+    return [(module.get_submodule(down), down, module.get_submodule(up), up) for down, up in adapter.branches(module)]
+
+
+def column_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
+    """Every tensor of ``module`` that a column split cuts by output features, positions
+    ``ranges`` of ``size``: the weight and bias, and the ``up`` layers of its adapters.
+
+    Example::
+
+        >>> import torch
+        >>> sorted(column_cut(torch.nn.Linear(2, 4), 4, (((0, 2),), ((2, 4),))))
+        ['bias', 'weight']
+    """
+    base, kind, adapter = linear_view(module)
+    prefix = f"{adapter.base}." if adapter else ""
+    specs = {f"{prefix}weight": Shard(kind.out_dim, size, ranges)}
+    if base.bias is not None:
+        specs[f"{prefix}bias"] = Shard(0, size, ranges)
+    for _, _, up, up_path in _branches(module, adapter):
+        specs[f"{up_path}.weight"] = Shard(linear_kind(up).out_dim, size, ranges)
+        if up.bias is not None:
+            specs[f"{up_path}.bias"] = Shard(0, size, ranges)
+    return specs
+
+
+def row_cut(module: nn.Module, size: int, ranges) -> dict[str, Shard]:
+    """Every tensor of ``module`` that a row split cuts by input features, positions
+    ``ranges`` of ``size``: the weight, and the ``down`` layers of its adapters.
+
+    Example::
+
+        >>> import torch
+        >>> row_cut(torch.nn.Linear(4, 2), 4, (((0, 2),), ((2, 4),)))["weight"].dim
+        1
+    """
+    _, kind, adapter = linear_view(module)
+    prefix = f"{adapter.base}." if adapter else ""
+    specs = {f"{prefix}weight": Shard(kind.in_dim, size, ranges)}
+    for down, down_path, _, _ in _branches(module, adapter):
+        specs[f"{down_path}.weight"] = Shard(linear_kind(down).in_dim, size, ranges)
+    return specs
+
+
+def _under(specs: Mapping[str, Shard], path: str) -> dict[str, Shard]:
+    """The specs of the tensors under child ``path``, keyed relative to it."""
+    return {key[len(path) + 1:]: shard for key, shard in specs.items() if key.startswith(path + ".")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,13 +313,21 @@ def _convert_class(module: nn.Module, mixin: type) -> None:
 
 
 def _require_linear(style: Style, module: nn.Module, path: str) -> LinearKind:
-    kind = linear_kind(module)
+    base, kind, adapter = linear_view(module)
     if kind is None:
         raise TypeError(
             f"{type(style).__name__} cannot split '{path}' ({type(module).__name__}): it splits "
             f"nn.Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d with groups=1 and their default "
-            f"forward; use Replicate() for this module or register_linear_kind() for its type")
-    _require_float(style, module.weight, path)
+            f"forward, and registered adapter layers around them (peft's LoRA Linear); use "
+            f"Replicate() for this module or register_linear_kind() for its type")
+    _require_float(style, base.weight, path)
+    if adapter is not None:
+        adapter.check(module, path)
+        for down, down_path, up, up_path in _branches(module, adapter):
+            for branch, where in ((down, down_path), (up, up_path)):
+                if linear_kind(branch) is None:
+                    raise TypeError(f"{type(style).__name__} cannot split '{path}': its adapter layer "
+                                    f"'{where}' ({type(branch).__name__}) is not linear-like")
     return kind
 
 
@@ -217,31 +372,52 @@ class ColwiseParallel(Style):
 
     def check(self, module, path, world_size):
         kind = _require_linear(self, module, path)
-        _check_unit(self, module.weight.shape[kind.out_dim], path, self.parts)
+        _check_unit(self, linear_view(module)[0].weight.shape[kind.out_dim], path, self.parts)
         if self.gather_output and self.parts > 1:
             raise ValueError(f"ColwiseParallel on '{path}': gather_output=True with parts={self.parts} "
                              f"would gather the fused blocks out of order; keep the output split "
                              f"and follow the layer with a RowwiseParallel layer")
 
     def shard_specs(self, module, world_size):
-        kind = linear_kind(module)
-        shard = even_shard(module.weight.shape[kind.out_dim], world_size, kind.out_dim, self.unit,
-                           self.parts)
-        specs = {"weight": shard}
-        if module.bias is not None:
-            specs["bias"] = Shard(0, shard.size, shard.ranges)
-        return specs
+        base, kind, _ = linear_view(module)
+        shard = even_shard(base.weight.shape[kind.out_dim], world_size, kind.out_dim, self.unit, self.parts)
+        return column_cut(module, shard.size, shard.ranges)
 
     def convert(self, module, *, rank, comm, specs):
-        kind = linear_kind(module)
-        module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, self.gather_output
-        module.tp_sizes = tuple(specs["weight"].local_size(r) for r in range(comm.world_size))
-        if kind.out_attr:
-            setattr(module, kind.out_attr, specs["weight"].local_size(rank))
+        _convert_column(module, rank, comm, specs, self.gather_output)
+
+
+def _convert_column(module: nn.Module, rank: int, comm: Communicator, specs: Mapping[str, Shard],
+                    gather: bool) -> None:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # the base and each up layer column-split; the gather after their sum
+        _convert_column(base, rank, comm, _under(specs, adapter.base), False)
+        for _, _, up, up_path in _branches(module, adapter):
+            _convert_column(up, rank, comm, _under(specs, up_path), False)
+        weight = specs[f"{adapter.base}.weight"]
+        if gather:
+            _convert_class(module, _GatherOutput)
+    else:
+        weight = specs["weight"]
         _convert_class(module, _ColumnParallel)
+    module.tp_comm, module.tp_kind, module.tp_gather = comm, kind, gather
+    module.tp_sizes = tuple(weight.local_size(r) for r in range(comm.world_size))
+    if kind.out_attr and hasattr(module, kind.out_attr):
+        setattr(module, kind.out_attr, weight.local_size(rank))
 
 
-class _ColumnParallel:
+class _Parallel:
+    """Marks a layer converted by a style (its class is a mixin of this and the layer's class)."""
+
+
+class _GatherOutput(_Parallel):
+    """An adapter layer whose base and up layers are column-split: all-gather their sum."""
+
+    def forward(self, *args, **kwargs):
+        return self.tp_comm.all_gather(super().forward(*args, **kwargs), self.tp_kind.feature_dim, self.tp_sizes)
+
+
+class _ColumnParallel(_Parallel):
     def forward(self, x, *args, **kwargs):
         x = self.tp_comm.enter_parallel(x)
         if self.weight.numel() == 0 and self.tp_kind.feature_dim != -1:
@@ -278,22 +454,34 @@ class RowwiseParallel(Style):
 
     def check(self, module, path, world_size):
         kind = _require_linear(self, module, path)
-        _check_unit(self, module.weight.shape[kind.in_dim], path)
+        _check_unit(self, linear_view(module)[0].weight.shape[kind.in_dim], path)
 
     def shard_specs(self, module, world_size):
-        kind = linear_kind(module)
-        return {"weight": even_shard(module.weight.shape[kind.in_dim], world_size, kind.in_dim, self.unit)}
+        base, kind, _ = linear_view(module)
+        shard = even_shard(base.weight.shape[kind.in_dim], world_size, kind.in_dim, self.unit)
+        return row_cut(module, shard.size, shard.ranges)
 
     def convert(self, module, *, rank, comm, specs):
-        kind = linear_kind(module)
-        shard = specs["weight"]
-        module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
-        if kind.in_attr:
-            setattr(module, kind.in_attr, shard.local_size(rank))
-        _convert_class(module, _RowParallel)
+        _convert_row(module, rank, comm, specs)
 
 
-class _RowParallel:
+def _convert_row(module: nn.Module, rank: int, comm: Communicator, specs: Mapping[str, Shard]) -> None:
+    base, kind, adapter = linear_view(module)
+    if adapter is not None:  # the base and each down layer row-split (each all-reduced); up replicated
+        _convert_row(base, rank, comm, _under(specs, adapter.base))
+        for down, down_path, _, _ in _branches(module, adapter):
+            _convert_row(down, rank, comm, _under(specs, down_path))
+        if kind.in_attr and hasattr(module, kind.in_attr):
+            setattr(module, kind.in_attr, specs[f"{adapter.base}.weight"].local_size(rank))
+        return
+    shard = specs["weight"]
+    module.tp_comm, module.tp_kind, module.tp_rank, module.tp_input = comm, kind, rank, shard
+    if kind.in_attr:
+        setattr(module, kind.in_attr, shard.local_size(rank))
+    _convert_class(module, _RowParallel)
+
+
+class _RowParallel(_Parallel):
     def forward(self, x, *args, **kwargs):
         kind, shard = self.tp_kind, self.tp_input
         if args or kwargs:
@@ -357,12 +545,18 @@ class AttentionParallel(Style):
     (query heads per key/value head), ``width`` (heads x head_dim), ``kv_width`` and
     ``qkv_width``.
 
-    An attribute named ``config.X`` is set on a private copy of the module's config.
+    An attribute named ``config.X`` is set on a private copy of the module's config, one named
+    ``child.X`` on the submodule ``child``.
     ``head_inputs`` names keyword inputs that carry one slice per head, as pairs of (name,
     form): ``"flat"`` for ``(batch * heads, ...)`` (BLOOM's ALiBi), ``"dim1"`` for
     ``(batch, heads, ...)`` (left alone when that dimension is 1); each rank gets its heads.
     ``head_tables`` names child embeddings with one column per head (T5's relative position
     bias), cut to the rank's heads.
+
+    ``local_shapes=True`` is for forwards that reshape with the full sizes they computed
+    themselves (``y.view(B, T, C)`` with ``C`` read from the input): inside the module, a
+    ``view``/``reshape`` whose shape does not fit and a ``split`` by a full width are given
+    the rank's head count or width instead.
 
     Projections are separate (``q``, ``k``, ``v``) or fused in one (``qkv``) with ``layout``
     ``"blocks"`` (all q, then all k, then all v: GPT-2, Phi-3), ``"per_head"`` (q, k, v of
@@ -389,6 +583,7 @@ class AttentionParallel(Style):
     attributes: tuple[tuple[str, str], ...] = ()
     head_inputs: tuple[tuple[str, str], ...] = ()
     head_tables: tuple[str, ...] = ()
+    local_shapes: bool = False
     collectives = ("all_reduce",)
 
     @property
@@ -422,8 +617,8 @@ class AttentionParallel(Style):
         for role in ("q", "k", "v", "qkv"):
             name = getattr(self, role)
             if name and (role == "qkv" or not self.qkv):
-                child = module.get_submodule(name)
-                size = child.weight.shape[linear_kind(child).out_dim]
+                base, kind, _ = linear_view(module.get_submodule(name))
+                size = base.weight.shape[kind.out_dim]
                 if size != expected[role] * self.head_dim:
                     raise ValueError(f"AttentionParallel on '{path}': {name} has {size} output "
                                      f"features, not {expected[role]} heads of {self.head_dim}")
@@ -435,16 +630,15 @@ class AttentionParallel(Style):
             if not name or (self.qkv and role != "qkv"):
                 continue
             child = module.get_submodule(name)
-            kind = linear_kind(child)
+            base, kind, _ = linear_view(child)
             ranges = tuple(self._ranges(role, q, kv) for q, kv in heads)
-            size = child.weight.shape[kind.out_dim]
-            specs[f"{name}.weight"] = Shard(kind.out_dim, size, ranges)
-            if child.bias is not None:
-                specs[f"{name}.bias"] = Shard(0, size, ranges)
+            specs.update({f"{name}.{key}": shard for key, shard in
+                          column_cut(child, base.weight.shape[kind.out_dim], ranges).items()})
         out = module.get_submodule(self.o)
-        kind = linear_kind(out)
+        base, kind, _ = linear_view(out)
         ranges = tuple(self._ranges("q", q, kv) for q, kv in heads)
-        specs[f"{self.o}.weight"] = Shard(kind.in_dim, out.weight.shape[kind.in_dim], ranges)
+        specs.update({f"{self.o}.{key}": shard for key, shard in
+                      row_cut(out, base.weight.shape[kind.in_dim], ranges).items()})
         head_ranges = tuple(((q.start, q.stop),) if len(q) else () for q, _ in heads)
         for name in self.head_tables:
             if _has_child(module, name):
@@ -476,11 +670,8 @@ class AttentionParallel(Style):
 
     def convert(self, module, *, rank, comm, specs):
         for name in self._projections():
-            child = module.get_submodule(name)
-            child_specs = {key.rpartition(".")[2]: s for key, s in specs.items() if key.rpartition(".")[0] == name}
-            ColwiseParallel().convert(child, rank=rank, comm=comm, specs=child_specs)
-        RowwiseParallel().convert(module.get_submodule(self.o), rank=rank, comm=comm,
-                                  specs={"weight": specs[f"{self.o}.weight"]})
+            _convert_column(module.get_submodule(name), rank, comm, _under(specs, name), False)
+        _convert_row(module.get_submodule(self.o), rank, comm, _under(specs, self.o))
         q, kv = assign_heads(self.num_heads, self.kv_heads, comm.world_size)[rank]
         values = {"heads": len(q), "kv_heads": len(kv), "groups": len(q) // max(len(kv), 1),
                   "width": len(q) * self.head_dim, "kv_width": len(kv) * self.head_dim,
@@ -490,9 +681,89 @@ class AttentionParallel(Style):
         for name in self.head_tables:
             if _has_child(module, name):
                 module.get_submodule(name).embedding_dim = len(q)
+        if self.local_shapes:
+            module._tp_local_sizes = {self.num_heads: len(q), self.kv_heads: len(kv),
+                                      self.num_heads * self.head_dim: values["width"],
+                                      self.kv_heads * self.head_dim: values["kv_width"]}
+            _convert_class(module, _LocalShapes)
         if self.head_inputs:
             module.register_forward_pre_hook(
                 functools.partial(_slice_head_inputs, self.head_inputs, self.num_heads, q), with_kwargs=True)
+        split = self._projections() + [self.o] + list(self.head_tables)
+        for path, sub in module.named_modules():
+            if path and sub._parameters and not any(path == n or path.startswith(n + ".") for n in split):
+                _sum_gradients_over_ranks(sub, comm)  # per-head norms (q_norm) run on this rank's heads
+
+
+def _sum_gradients_over_ranks(module: nn.Module, comm: Communicator) -> None:
+    """``module``'s replicated parameters work on this rank's heads only: each rank's gradient
+    is a part of the unsharded one. Its forward uses them through ``enter_parallel`` (identity;
+    under torch.distributed its backward sums the parts over the ranks; in one process the
+    ranks' parts meet in the one tensor anyway)."""
+    hooks = _EnterParallel(comm)
+    module.register_forward_pre_hook(hooks.swap_in)
+    module.register_forward_hook(hooks.swap_out, always_call=True, prepend=True)  # last in, first out
+
+
+class _EnterParallel:
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.stash: dict[str, torch.Tensor] = {}
+
+    def swap_in(self, module: nn.Module, args) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and torch.is_grad_enabled():
+                self.stash[name] = param
+                module._parameters[name] = self.comm.enter_parallel(param)
+
+    def swap_out(self, module: nn.Module, args, output) -> None:
+        module._parameters.update(self.stash)
+        self.stash.clear()
+
+
+class _LocalShapes(nn.Module):
+    """Runs the module's forward with full sizes in reshapes replaced by the rank's."""
+
+    def forward(self, *args, **kwargs):
+        with _LocalSizes(self._tp_local_sizes):
+            return super().forward(*args, **kwargs)
+
+
+class _LocalSizes(TorchFunctionMode):
+    def __init__(self, sizes: Mapping[int, int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("view", "reshape") and len(args) > 1 and isinstance(args[0], torch.Tensor):
+            shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+            if all(isinstance(d, int) for d in shape):
+                args = (args[0], _fitting_shape(args[0].numel(), list(shape), self.sizes))
+        elif name == "split" and len(args) > 1 and isinstance(args[1], int) and isinstance(args[0], torch.Tensor):
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            size, local = args[1], self.sizes.get(args[1])
+            if local and local != size and args[0].shape[dim] % local == 0:
+                args = (args[0], local, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _fitting_shape(numel: int, shape: list[int], sizes: Mapping[int, int]) -> list[int]:
+    """``shape``, or with one full size (the rightmost that works) replaced by the rank's."""
+    if _fits(numel, shape):
+        return shape
+    for i in reversed(range(len(shape))):
+        if shape[i] in sizes:
+            candidate = shape[:i] + [sizes[shape[i]]] + shape[i + 1:]
+            if _fits(numel, candidate):
+                return candidate
+    return shape
+
+
+def _fits(numel: int, shape: list[int]) -> bool:
+    known = math.prod(d for d in shape if d != -1)
+    return known == numel if -1 not in shape else known > 0 and numel % known == 0
 
 
 def _has_child(module: nn.Module, name: str) -> bool:
@@ -504,7 +775,10 @@ def _has_child(module: nn.Module, name: str) -> bool:
 
 
 def _set_attribute(module: nn.Module, name: str, value: int) -> None:
-    if name.startswith("config."):
+    owner, _, attribute = name.rpartition(".")
+    if owner and owner != "config" and _has_child(module, owner):  # "self.num_heads": a child's attribute
+        setattr(module.get_submodule(owner), attribute, value)
+    elif name.startswith("config."):
         if not getattr(module, "_tp_private_config", False):
             module.config = copy.copy(module.config)
             module._tp_private_config = True
@@ -583,7 +857,7 @@ class ExpertsParallel(Style):
         _convert_class(module, _ExpertsParallel)
 
 
-class _ExpertsParallel:
+class _ExpertsParallel(_Parallel):
     def forward(self, *args, **kwargs):
         # every float input (hidden states, routing weights) meets this rank's slice of the
         # experts: their gradients are partial sums
@@ -656,7 +930,7 @@ class EmbeddingParallel(Style):
         _convert_class(module, _VocabParallelEmbedding)
 
 
-class _VocabParallelEmbedding:
+class _VocabParallelEmbedding(_Parallel):
     def forward(self, ids, *args, **kwargs):
         outside = (ids < self.tp_start) | (ids >= self.tp_stop)
         if self.tp_stop == self.tp_start:  # an empty slice: look up a zero row instead
@@ -667,7 +941,7 @@ class _VocabParallelEmbedding:
         return self.tp_comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
-class _DimParallelEmbedding:
+class _DimParallelEmbedding(_Parallel):
     def forward(self, *args, **kwargs):
         return self.tp_comm.all_gather(super().forward(*args, **kwargs), -1, self.tp_sizes)
 

@@ -14,6 +14,7 @@ from accelerate import init_empty_weights
 from ..checkpoint import FileSource, SplitSource, load_shards
 from ..plan import resolve_plan
 from ..runtime import DeviceLike
+from ..sharding import replicated_cut
 from ..split import layout_for
 from ..styles import Style
 from .model import TensorParallelPreTrainedModel
@@ -36,15 +37,16 @@ def _model_class(config, model_class):
     return transformers.AutoModelForCausalLM
 
 
-def _split_world_size(path: str) -> int | None:
-    """The number of ranks a split state in ``path`` was saved for, or None for a plain checkpoint."""
+def _split_metadata(path: str) -> tuple[int | None, list[str]]:
+    """The number of ranks a split state in ``path`` was saved for (None for a plain
+    checkpoint), and the keys it holds as ZeRO-3 pieces (``sharded=True``)."""
     index = os.path.join(path, SPLIT_INDEX)
     if not os.path.isfile(index):
-        return None
+        return None, []
     with open(index) as handle:
         metadata = json.load(handle).get("metadata", {})
     size = metadata.get("tensor_parallel_world_size")
-    return int(size) if size is not None else None
+    return (int(size) if size is not None else None), json.loads(metadata.get("tensor_parallel_sharded", "[]"))
 
 
 def empty_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, model_class=None,
@@ -95,14 +97,17 @@ def from_pretrained(path: str | os.PathLike, device_ids: Sequence[DeviceLike] | 
 
 
 def _source(path: str, skeleton, plan):
-    saved_for = _split_world_size(path)
+    saved_for, sharded = _split_metadata(path)
     files = FileSource(path)
     if saved_for is None:
         return files
     saved_plan = resolve_plan(skeleton, plan if plan is not None else plan_for_pretrained(skeleton, saved_for),
                               saved_for)
     logger.info("%s holds a split state for %d devices; re-cutting it slice by slice", path, saved_for)
-    return SplitSource(files, layout_for(skeleton, saved_plan, saved_for), saved_for)
+    layout = layout_for(skeleton, saved_plan, saved_for)
+    shapes = {key: tuple(tensor.shape) for key, tensor in skeleton.state_dict(keep_vars=True).items()}
+    layout.update({key: replicated_cut(shapes[key], saved_for) for key in sharded})
+    return SplitSource(files, layout, saved_for)
 
 
 TensorParallelPreTrainedModel.from_pretrained = staticmethod(from_pretrained)  # type: ignore[assignment]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,9 +16,10 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..checkpoint import write_checkpoint
-from ..runtime import DeviceLike, RankLocal, TensorParallel
-from ..styles import Style
-from .plans import plan_for_pretrained, tied_embeddings
+from ..legacy import Config
+from ..runtime import DeviceLike, RankLocal, TensorParallel, _cut_full_tensors, _original_named_modules
+from ..styles import Style, linear_view
+from .plans import tied_embeddings
 
 __all__ = ["TensorParallelPreTrainedModel", "ShardedCache"]
 
@@ -146,21 +148,49 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         return True  # experts run inside the shards, with the wrapped model's implementation
 
     def __init__(self, module: PreTrainedModel, device_ids: Sequence[DeviceLike] | None = None,
-                 output_device: DeviceLike | None = None, *, plan: Mapping[str, Style] | None = None,
+                 output_device: DeviceLike | None = None, output_device_index: int | None = None,
+                 tensor_parallel_config: Config | None = None, *, plan: Mapping[str, Style] | None = None,
                  **options: Any) -> None:
+        """``options`` are :class:`~tensor_parallel.TensorParallel`'s: ``delay_init``,
+        ``distributed``, ``sharded``, ``sharded_param_names``, ``timeout``, ``process_group``."""
         if not isinstance(module, PreTrainedModel):
             raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
                             f"{type(module).__name__}; use tp.tensor_parallel() for other modules")
         super().__init__(copy.deepcopy(module.config))
-        world_size = _world_size(device_ids, options.get("process_group"))
-        if plan is None:
-            plan = plan_for_pretrained(module, world_size)
-        self.wrapped_model = TensorParallel(module, device_ids, plan=plan, output_device=output_device,
-                                            **options)
+        # without a plan or a Config, TensorParallel picks plan_for_pretrained's plan for its world size
+        self.wrapped_model = TensorParallel(module, device_ids, output_device, output_device_index,
+                                            tensor_parallel_config, plan=plan, **options)
+        self.register_load_state_dict_pre_hook(_cut_full_tensors)  # original keys load, cut per rank
         self._adopt_generation_hooks(module)
         self._adopt_signature(module)
         if tied_embeddings(module):
             self._tie_shards()
+
+    @property
+    def tensor_parallel_config(self) -> Config:
+        """The split as a legacy ``tp.Config`` (see :attr:`TensorParallel.tensor_parallel_config`)."""
+        return self.wrapped_model.tensor_parallel_config
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict`` (keys ``wrapped_model.module_shards.<rank>.<key>``);
+        tensors still on the meta device get their piece on their device."""
+        prefix = "wrapped_model."
+        if any(not k.startswith(prefix) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        inner = {k[len(prefix):]: v for k, v in state_dict.items()}
+        result = self.wrapped_model.load_state_dict(inner, strict=strict, assign=assign)
+        return type(result)([prefix + k for k in result.missing_keys], [prefix + k for k in result.unexpected_keys])
+
+    def set_preserve_shards_when_saving(self, value: bool) -> None:
+        """The original's switch: ``False`` makes ``state_dict()`` return the unsharded state
+        (what ``tp.save_tensor_parallel(model)`` does inside its block), ``True`` the split one."""
+        from ..checkpoint import set_unsharded_saving
+
+        set_unsharded_saving(self, not value)
+
+    def apply_sharding(self, sharded_param_names: Collection[str] | None = None) -> None:
+        """ZeRO-3 of the replicated parameters (see :meth:`TensorParallel.apply_sharding`)."""
+        self.wrapped_model.apply_sharding(sharded_param_names)
 
     def _adopt_signature(self, module: PreTrainedModel) -> None:
         """``forward`` shows the wrapped model's signature: Trainer keeps only the dataset
@@ -178,7 +208,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         """Make each shard's LM head share its embedding slice, as the config says (a model
         built under ``init_empty_weights`` has its ties undone; both are cut alike)."""
         for shard in self.wrapped_model.module_shards:
-            embeddings, head = shard.get_input_embeddings(), shard.get_output_embeddings()
+            embeddings, head = shard.get_input_embeddings(), linear_view(shard.get_output_embeddings())[0]
             if head.weight is not embeddings.weight and head.weight.shape == embeddings.weight.shape:
                 # not setattr: init_empty_weights patches register_parameter to make a new copy
                 head._parameters["weight"] = embeddings.weight
@@ -197,6 +227,25 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
                 continue
             if hasattr(first, name):
                 object.__setattr__(self, name, getattr(first, name))
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        self.wrapped_model.adopt_adapters()  # peft lists them right after adding adapters to the shards
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The split state (keys ``wrapped_model.module_shards.<rank>.<key>``), or inside
+        :func:`~tensor_parallel.save_tensor_parallel` the original model's (full tensors)."""
+        if self.wrapped_model._unsharded_view:
+            return self.wrapped_model.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The shards' modules, or inside :func:`~tensor_parallel.save_tensor_parallel` the
+        original model's names (rank 0's shard stands for it)."""
+        if self.wrapped_model._unsharded_view:
+            yield from _original_named_modules(self, self.wrapped_model, memo, prefix, remove_duplicate)
+        else:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
 
     @property
     def module_shards(self) -> nn.ModuleList:
@@ -256,7 +305,7 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             >>> "pytorch_model.bin.index.json" in os.listdir(folder)
             True
         """
-        if getattr(self, "_tp_save_unsharded", False):  # inside tp.save_tensor_parallel(model)
+        if self.wrapped_model._unsharded_view:  # inside tp.save_tensor_parallel(model)
             from .convert import save_unsharded
 
             save_unsharded(self, save_directory, max_shard_size=max_shard_size,
@@ -269,6 +318,8 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if getattr(self, "generation_config", None) is not None:
             extra["generation_config.json"] = self.generation_config.to_json_string()
         metadata = {"tensor_parallel_world_size": str(len(self.devices))}
+        if self.wrapped_model.sharded_keys:  # their slices are ZeRO-3 pieces: say so for re-cutting
+            metadata["tensor_parallel_sharded"] = json.dumps(sorted(self.wrapped_model.sharded_keys))
         write_checkpoint(state, save_directory, max_shard_size=max_shard_size,
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
@@ -321,17 +372,6 @@ def _fresh_copy(cache: Cache) -> Cache:
             if isinstance(value, (torch.Stream, torch.Event)) or type(value).__name__ in ("Stream", "Event"):
                 memo[id(value)] = value
     return copy.deepcopy(cache, memo)
-
-
-def _world_size(device_ids: Sequence[DeviceLike] | None, process_group: Any) -> int:
-    import torch.distributed as dist
-
-    group = process_group.get_group() if hasattr(process_group, "get_group") else process_group
-    if group is None and device_ids is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is not None:
-        return dist.get_world_size(group)
-    return len(device_ids) if device_ids is not None else max(torch.cuda.device_count(), 1)
 
 
 def _call(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
