@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 logger = logging.getLogger("benchmarks")
 
+_START_LOAD = os.getloadavg()  # when the benchmark started: other work, not the benchmark itself
 _MAX_CHART_ROWS = 30  # a table longer than this (one row per model type) is a list, not a chart
 _MAX_PANELS = 12
 
@@ -34,8 +35,9 @@ _MAX_PANELS = 12
 def machine() -> dict[str, Any]:
     """Facts about this machine and software stack that a figure depends on.
 
-    ``load_average`` is read when called: well above zero before a benchmark starts means
-    other work shares the CPU, and the run's absolute times are noisy (ratios less so).
+    ``load_average_at_start`` is read when the benchmark started (this module's import) and
+    ``load_average`` when called: a 1-minute load well above zero at the start means other
+    work shared the CPU, and the run's absolute times are noisy (ratios less so).
     """
     import torch
 
@@ -43,6 +45,7 @@ def machine() -> dict[str, Any]:
         "cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "memory_gb": _memory_gb(), "os": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in _START_LOAD],
         "load_average": [round(x, 2) for x in os.getloadavg()], "source": source_state(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
@@ -69,14 +72,15 @@ def machine_tag(facts: Mapping[str, Any]) -> str:
 def describe(facts: Mapping[str, Any]) -> str:
     """One Markdown paragraph with the facts."""
     gpus = ", ".join(facts["gpus"]) or "none"
-    load = facts["load_average"]
-    busy = " (busy: other work shared the CPU, absolute times are noisy)" if load[0] > 0.5 else ""
+    start, end = facts["load_average_at_start"], facts["load_average"]
+    busy = " (busy: other work shared the CPU, absolute times are noisy)" if start[0] > 0.5 else ""
     return (f"Machine: {facts['cpu']}, {facts['cores']} cores ({facts['usable_cores']} usable), "
             f"{facts['memory_gb']:.0f} GB RAM, GPUs: {gpus}; {facts['os']}; Python {facts['python']}, "
             f"torch {facts['torch']} ({facts['torch_threads']} threads), transformers "
             f"{facts['transformers']}, tensor_parallel {facts['tensor_parallel']} at {facts['source']}. "
-            f"Load average when the report was written: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-            f"(1 / 5 / 15 min){busy}.")
+            f"Load average (1 / 5 / 15 min) when the benchmark started: {start[0]:.2f} / {start[1]:.2f} / "
+            f"{start[2]:.2f}{busy}; when it ended, its own work included: {end[0]:.2f} / {end[1]:.2f} / "
+            f"{end[2]:.2f}.")
 
 
 def _cpu_model() -> str:
