@@ -159,3 +159,23 @@ def test_planning_leaves_buffers_and_the_random_stream_alone():
     assert torch.equal(torch.rand(3), expected)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class ReadsAWeight(nn.Module):
+    """Uses ``proj``'s weight itself and never calls ``proj`` (as Mamba's scan does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.proj, self.down = nn.Linear(8, 16), nn.Linear(16, 16, bias=False), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(F.linear(F.relu(self.up(x)), self.proj.weight))
+
+
+def test_weights_read_outside_their_layer_stay_whole():
+    torch.manual_seed(0)
+    model = ReadsAWeight()
+    x = torch.randn(3, 8)
+    plan = tp.plan_for(model, 2, example_inputs=(x[:1],))
+    assert "proj" not in plan and plan["up"] == tp.ColwiseParallel(gather_output=True)
+    check_equivalence(model, (x,), 2, plan=plan)

@@ -75,8 +75,7 @@ class Flow:
     def read_directly(self, module: nn.Module) -> set[str]:
         """Layers recorded whole whose parameters some other operation also read."""
         return {path for path, sub in module.named_modules()
-                if any(id(p) in self.parameters_read for p in sub.parameters(recurse=False))
-                and path in self.calls}
+                if any(id(p) in self.parameters_read for p in sub.parameters(recurse=False))}
 
 
 class _Ref(int):
