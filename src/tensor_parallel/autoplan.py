@@ -670,7 +670,7 @@ def _head_attributes(module: nn.Module, heads: int, kv: int, head_dim: int) -> t
             found.append((name, "kv_heads"))
         elif value == heads and "head" in lowered:
             found.append((name, "heads"))
-        elif value == heads * head_dim and heads * head_dim != kv * head_dim * 0 + 1:
+        elif value == heads * head_dim:
             found.append((name, "width"))
         elif value == kv * head_dim and kv != heads:
             found.append((name, "kv_width"))
