@@ -11,24 +11,14 @@ import torch, transformers, peft
 sys.path.insert(0, "tests")
 import tensor_parallel as tp
 import hf_models
+sys.path.insert(0, "scripts")
+from gpu_check import worst_grad as grads_of  # one gradient comparison for both checks
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda:0"
 print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, dev)
 torch.backends.cuda.matmul.allow_tf32 = False
 IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], device=dev)
 results = []
-
-def grads_of(split, reference, only_trainable=False):
-    want = {k: p.grad for k, p in reference.named_parameters() if p.grad is not None}
-    worst = 0.0
-    for rank, shard in zip(split.shard_ranks, split.module_shards):
-        for key, p in shard.named_parameters():
-            if p.grad is None or key not in want or p.numel() == 0:
-                continue
-            spec = split.layout[key]
-            w = want[key] if spec is None else spec.take(want[key], rank)
-            worst = max(worst, (p.grad - w.to(p.grad.device)).abs().max().item())
-    return worst
 
 for n in (2, 3):
     for name in ("llama", "gpt2"):

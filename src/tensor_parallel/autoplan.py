@@ -249,8 +249,8 @@ _UNARY = {"relu", "gelu", "silu", "tanh", "sigmoid", "exp", "neg", "abs", "sqrt"
           "to", "type", "type_as", "erf", "log", "sin", "cos", "clamp", "clip", "detach", "relu6",
           "leaky_relu", "elu", "selu", "celu", "hardswish", "hardsigmoid", "hardtanh", "gelu_tanh",
           "nan_to_num", "reciprocal", "log1p", "expm1", "sign", "softsign", "logsigmoid", "pow",
-          "tanhshrink", "fill", "zero", "mul_", "requires_grad", "sinh", "cosh", "atan", "floor",
-          "ceil", "round", "trunc", "frac", "silu_", "relu_", "gelu_", "tanh_", "sigmoid_"}
+          "tanhshrink", "fill", "zero", "requires_grad", "sinh", "cosh", "atan", "floor",
+          "ceil", "round", "trunc", "frac"}
 _BINARY = {"add", "sub", "mul", "div", "true_divide", "radd", "rsub", "rmul", "rtruediv", "truediv",
            "where", "maximum", "minimum", "masked_fill", "addcmul", "addcdiv", "lerp", "iadd",
            "imul", "isub", "itruediv", "pow", "rpow", "fmod", "remainder", "eq", "ne", "lt", "gt",
@@ -263,7 +263,7 @@ _REDUCE = {"softmax", "log_softmax", "mean", "sum", "amax", "amin", "max", "min"
 _SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
 _TEMPLATED = {"view_as", "reshape_as", "expand_as", "type_as"}
 _ATTENTION = {"scaled_dot_product_attention"}
-_MATMUL = {"matmul", "bmm", "matmul_", "rmatmul", "baddbmm"}
+_MATMUL = {"matmul", "bmm", "rmatmul", "baddbmm"}
 
 
 def _axis_after(in_shape: tuple, out_shape: tuple, axis: int, per_index: Fraction) -> tuple[int, Fraction]:
