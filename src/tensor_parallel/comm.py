@@ -283,6 +283,7 @@ class ThreadGroup:
         self._generation = 0
         self._results: Sequence[torch.Tensor] = ()
         self._error: BaseException | None = None
+        self.capture = None  # a tensor_parallel.graphs capture in progress: collectives cut the graphs
 
     def communicator(self, rank: int) -> "ThreadCommunicator":
         """The handle that rank ``rank``'s layers use."""
@@ -363,6 +364,9 @@ class ThreadCommunicator(Communicator):
         self.world_size = group.world_size
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.group.capture is not None:
+            return self.group.capture.collective(self.rank, "all_reduce", tensor, None)
+
         def run(inputs: list[torch.Tensor]):
             record_collective("all_reduce", inputs[0].shape, inputs[0].dtype)
             return _AllReduce.apply(*inputs) if _differentiable(inputs) else _all_reduce(inputs)
@@ -370,6 +374,8 @@ class ThreadCommunicator(Communicator):
 
     def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int] = ()) -> torch.Tensor:
         dim = dim % tensor.dim()
+        if self.group.capture is not None:
+            return self.group.capture.collective(self.rank, "all_gather", tensor, dim)
 
         def run(inputs: list[torch.Tensor]):
             shape = list(inputs[0].shape)

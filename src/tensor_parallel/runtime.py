@@ -306,6 +306,11 @@ class RankLocal:
     def for_rank(self, rank: int) -> Any:
         raise NotImplementedError
 
+    def graph_key(self) -> Any:
+        """What identifies this object's tensors for ``cuda_graphs=True`` (a replay reuses their
+        addresses), or ``None``: calls with it run eagerly."""
+        return None
+
 
 def _to_device(tree: Any, device: torch.device, rank: int = 0) -> Any:
     def move(leaf):
@@ -356,7 +361,7 @@ class TensorParallel(nn.Module):
                  tensor_parallel_config: Config | None = None, delay_init: bool = False, distributed: bool | None = True,
                  sharded: bool | None = None, sharded_param_names: Collection[str] | None = None, *,
                  plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None,
-                 example_inputs: Any = None) -> None:
+                 example_inputs: Any = None, cuda_graphs: bool = False) -> None:
         super().__init__()
         sharded = _wants_sharding(sharded, sharded_param_names)
         if not isinstance(module, nn.Module):
@@ -374,6 +379,10 @@ class TensorParallel(nn.Module):
         self.need_delayed_init = bool(delay_init)
         self._runner = placement.runner
         self._comms = placement.comms
+        if cuda_graphs and sharded:
+            raise ValueError("cuda_graphs=True replays inference calls; sharded=True (ZeRO-3) is for training "
+                             "and re-gathers parameters on every call: use one or the other")
+        self._graphs = _graphed_calls(placement) if cuda_graphs else None
         self.sharded_keys: set[str] = set()
         self.split_layers = _SplitLayers(shards)
         self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
@@ -428,6 +437,9 @@ class TensorParallel(nn.Module):
             >>> model.apply_sharding(["1.weight"]); sorted(model.sharded_keys)
             ['1.weight']
         """
+        if getattr(self, "_graphs", None) is not None:
+            raise ValueError("this model replays CUDA graphs (cuda_graphs=True); sharding its parameters "
+                             "would change them under the graphs: split it again without cuda_graphs")
         shard_replicated(self, sharded_param_names)
 
     @property
@@ -497,11 +509,17 @@ class TensorParallel(nn.Module):
         """
         self.place_delayed()
         self.adopt_adapters()
-        calls = []
-        for rank, shard, device in zip(self.shard_ranks, self.module_shards, self.devices):
-            rank_args, rank_kwargs = _to_device((args, kwargs), device, rank)
-            calls.append(functools.partial(fn, shard, *rank_args, **rank_kwargs))
-        return self._runner.run(calls)
+        if self._graphs is not None:
+            results = self._graphs.run(fn, args, kwargs, functools.partial(self._bind, fn))
+            if results is not None:
+                return results
+        return self._runner.run([self._bind(fn, index, args, kwargs) for index in range(len(self.module_shards))])
+
+    def _bind(self, fn: Callable[..., Any], index: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
+        """The call ``fn(shard, *args, **kwargs)`` of this process's ``index``-th shard, with the
+        arguments on its device and :class:`RankLocal` ones resolved."""
+        rank_args, rank_kwargs = _to_device((args, kwargs), self.devices[index], self.shard_ranks[index])
+        return functools.partial(fn, self.module_shards[index], *rank_args, **rank_kwargs)
 
     def unsharded_state_dict(self, device: DeviceLike = "cpu") -> dict[str, torch.Tensor]:
         """The original module's ``state_dict``: same keys, full tensors, gathered on ``device``.
@@ -599,6 +617,20 @@ def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: A
             state_dict[f"{inner}module_shards.{index}.{key}"] = full if shard is None else shard.take(full, rank)
 
 
+def _graphed_calls(placement: _Placement) -> Any:
+    """The CUDA-graph runner of ``cuda_graphs=True``, refused where it cannot work."""
+    if placement.mode != "threads":
+        raise ValueError("cuda_graphs=True captures the ranks of one process; under torch.distributed each "
+                         "process launches only its own kernels: capture its forward yourself, e.g. with "
+                         "torch.compile(model, mode='reduce-overhead'), or pass device_ids for one process")
+    if any(d.type != "cuda" for d in placement.devices):
+        raise ValueError(f"cuda_graphs=True needs CUDA devices, got {[str(d) for d in placement.devices]}; "
+                         f"drop cuda_graphs or pass device_ids such as ['cuda:0', 'cuda:1']")
+    from .graphs import GraphedCalls
+
+    return GraphedCalls(placement.runner.group, placement.runner)
+
+
 def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return shard(*args, **kwargs)
 
@@ -675,7 +707,9 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     (``None``: one process per rank when torch.distributed is initialised; ``True`` requires
     it; ``False`` never), ``sharded`` and ``sharded_param_names`` (ZeRO-3 of the replicated
     parameters, see :func:`~tensor_parallel.sharding.shard_replicated`; off unless asked for). Keyword options: ``output_device``,
-    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``.
+    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``,
+    ``cuda_graphs`` (replay calls without gradients as CUDA graphs, see :mod:`tensor_parallel.graphs`;
+    a transformers model then generates with a static KV cache).
 
     Example::
 
@@ -685,7 +719,7 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
         >>> model(torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    allowed = {"timeout", "process_group", "output_device_index", "delay_init", "example_inputs"}
+    allowed = {"timeout", "process_group", "output_device_index", "delay_init", "example_inputs", "cuda_graphs"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"tensor_parallel() got unexpected options {sorted(unknown)}; it accepts "

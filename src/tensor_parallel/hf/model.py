@@ -73,6 +73,19 @@ class ShardedCache(Cache, RankLocal):
     def __len__(self) -> int:
         return len(self.caches[0])
 
+    def graph_key(self) -> Any:
+        """For ``cuda_graphs=True``: the addresses of every rank's cache tensors when they are
+        static (a ``StaticCache``, allocated), else ``None`` (a growing cache runs eagerly)."""
+        if not self.caches[0].is_compileable:
+            return None
+        addresses = []
+        for cache in self.caches:
+            for layer in getattr(cache, "layers", []):
+                if not getattr(layer, "is_initialized", True):
+                    return None
+                addresses += [(name, t.data_ptr()) for name, t in vars(layer).items() if isinstance(t, torch.Tensor)]
+        return id(self), tuple(addresses)
+
     def __repr__(self) -> str:
         return f"ShardedCache({len(self.caches)} x {type(self.caches[0]).__name__})"
 
@@ -161,7 +174,11 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         self.wrapped_model = TensorParallel(module, device_ids, output_device, output_device_index,
                                             tensor_parallel_config, plan=plan, **options)
         self.register_load_state_dict_pre_hook(_cut_full_tensors)  # original keys load, cut per rank
+        self._static_cache: ShardedCache | None = None  # the ranks' last static KV caches, reused
         self._adopt_generation_hooks(module)
+        if options.get("cuda_graphs") and getattr(self, "generation_config", None) is not None \
+                and self.generation_config.cache_implementation is None:
+            self.generation_config.cache_implementation = "static"  # fixed addresses: decode steps replay
         self._adopt_signature(module)
         if tied_embeddings(module):
             self._tie_shards()
@@ -271,18 +288,30 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         name = next((n for n in _CACHE_NAMES if n in kwargs), None)
         given = kwargs.get(name) if name else None
         if given is not None and not isinstance(given, ShardedCache):
-            kwargs[name] = self._shard_cache(given)
+            kwargs[name] = self._shard_cache(given, _batch_size(args, kwargs))
+        if self.wrapped_model._graphs is not None and name is not None:
+            _pad_mask_to_cache(kwargs, kwargs[name])
         outputs = self.wrapped_model.run_shards(_call, *args, **kwargs)
         result = self.wrapped_model.forward_output(outputs[0])
         return _adopt_caches(result, outputs, kwargs.get(name) if name else None)
 
-    def _shard_cache(self, cache: Any) -> ShardedCache:
+    def _shard_cache(self, cache: Any, batch_size: int | None = None) -> ShardedCache:
         if not isinstance(cache, Cache):
             raise TypeError(f"a KV cache must be a transformers Cache object, got {type(cache).__name__}")
         if cache.get_seq_length() != 0:
             raise ValueError("this KV cache already holds tokens computed outside the split model; pass "
                              "the cache the split model returned (outputs.past_key_values), or a new one")
-        return ShardedCache([_fresh_copy(cache) for _ in self.wrapped_model.module_shards])
+        if not cache.is_compileable:
+            return ShardedCache([_fresh_copy(cache) for _ in self.wrapped_model.module_shards])
+        # generate() makes a new, empty static cache per call: the ranks reuse their last one when
+        # it has the same layout (reset), which keeps the tensors' addresses, and the CUDA graphs
+        # of cuda_graphs=True captured on them, valid from one generate() to the next
+        previous = self._static_cache
+        if previous is not None and _same_static_layout(previous.caches[0], cache, batch_size):
+            previous.reset()
+            return previous
+        self._static_cache = ShardedCache([_fresh_copy(cache) for _ in self.module_shards])
+        return self._static_cache
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True, progress: bool | None = None, **kwargs: Any) -> None:
@@ -323,6 +352,11 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         write_checkpoint(state, save_directory, max_shard_size=max_shard_size,
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: Any) -> bool:
+        """Never compile the split model in generate(): dynamo cannot trace into the ranks'
+        threads. With a static cache, ``cuda_graphs=True`` replays the decode steps instead."""
+        return False
 
     @property
     def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]
@@ -372,6 +406,45 @@ def _fresh_copy(cache: Cache) -> Cache:
             if isinstance(value, (torch.Stream, torch.Event)) or type(value).__name__ in ("Stream", "Event"):
                 memo[id(value)] = value
     return copy.deepcopy(cache, memo)
+
+
+def _pad_mask_to_cache(kwargs: dict, cache: Any) -> None:
+    """For ``cuda_graphs=True``: a 2-D attention mask that grows by one column per decode step
+    is padded with zeros to the static cache's length, as the model's own mask code pads it,
+    so every decode step has the same input shapes (one captured graph serves them all)."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not isinstance(cache, ShardedCache) \
+            or cache.graph_key() is None:
+        return
+    length = max((getattr(layer, "max_cache_len", 0) or 0 for layer in getattr(cache.caches[0], "layers", [])),
+                 default=0)
+    if mask.shape[-1] < length:
+        kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]))
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward's inputs (``input_ids`` or ``inputs_embeds``), if given."""
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _same_static_layout(old: Cache, new: Cache, batch_size: int | None) -> bool:
+    """Whether ``old`` (a rank's static cache, used before) can stand in for the new empty
+    ``new``: same class, layers of the same classes and lengths, allocated for this batch."""
+    if type(old) is not type(new) or len(old.layers) != len(new.layers):
+        return False
+    for before, now in zip(old.layers, new.layers):
+        if type(before) is not type(now):
+            return False
+        for name in ("max_cache_len", "sliding_window", "max_batch_size"):
+            if getattr(before, name, None) != getattr(now, name, None):
+                return False
+        keys = getattr(before, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
+            return False
+    return True
 
 
 def _call(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,165 @@
+"""cuda_graphs=True: calls without gradients captured as CUDA graphs and replayed.
+
+The refusals run everywhere; the rest needs a GPU (every rank a thread on cuda:0, each on a
+stream of its own, which exercises the same capture, events and collectives as ranks on
+several GPUs) and is skipped on CPU-only machines. On the device machine:
+``PYTHONPATH=src python -m pytest -q tests/test_cuda_graphs.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import tensor_parallel as tp
+
+import hf_models
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = "cuda:0"
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    """TF32 would make the unsharded and split products round differently."""
+    if torch.cuda.is_available():
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    else:
+        yield
+
+
+def test_refused_without_cuda_devices():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="cuda_graphs=True needs CUDA devices"):
+        tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        tp.tensor_parallel(hf_models.build("llama"), ["cpu", "cpu"], cuda_graphs=True)
+
+
+def test_static_cache_reused_between_generate_calls():
+    """generate() makes a new static cache per call; the ranks keep theirs (same addresses,
+    so captured graphs stay valid), and the tokens stay the unsharded model's."""
+    model = hf_models.build("llama")
+    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu", "cpu"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static"), want)
+    key = split._static_cache.graph_key()
+    assert key is not None
+    assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static"), want)
+    assert split._static_cache.graph_key() == key
+    two = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # another batch size: new caches
+    got = split.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5, do_sample=False,
+                         cache_implementation="static")
+    assert torch.equal(got, model.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5,
+                                           do_sample=False, cache_implementation="static"))
+    assert split._static_cache.graph_key() != key
+
+
+def test_growing_cache_has_no_graph_key():
+    from transformers import DynamicCache
+
+    assert tp.TensorParallelPreTrainedModel  # noqa: the hf integration is importable
+    from tensor_parallel.hf import ShardedCache
+
+    assert ShardedCache([DynamicCache(), DynamicCache()]).graph_key() is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", [2, 3])
+def test_mlp_replays_equal_eager(n):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16)).to(DEV)
+    eager = tp.tensor_parallel(copy.deepcopy(mlp), [DEV] * n)
+    graphed = tp.tensor_parallel(copy.deepcopy(mlp), [DEV] * n, cuda_graphs=True)
+    xs = [torch.randn(4, 16, device=DEV) for _ in range(4)]
+    with torch.no_grad():
+        outs = []
+        for x in xs:  # eager, capture + replay, replay, replay
+            with tp.count_collectives() as stats:
+                outs.append(graphed(x))
+            assert dict(stats.calls) == {"all_reduce": 1}  # replays count their collectives too
+        for x, out in zip(xs, outs):  # earlier outputs are not overwritten by later replays
+            assert torch.equal(out, eager(x))  # same kernels, same summation order: bit-identical
+            # float32 products of 16 and 40 terms, summed in another order than the unsharded model
+            torch.testing.assert_close(out, mlp(x), atol=1e-6, rtol=1e-5)
+    assert graphed._graphs.replays == 3
+
+
+@needs_cuda
+def test_gradients_run_eagerly():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).to(DEV)
+    graphed = tp.tensor_parallel(copy.deepcopy(mlp), [DEV, DEV], cuda_graphs=True)
+    x = torch.randn(2, 8, device=DEV)
+    for _ in range(3):
+        graphed(x).sum().backward()
+    assert graphed._graphs.replays == 0
+    assert all(p.grad is not None for p in graphed.parameters())
+
+
+class _ReadsValue(nn.Module):
+    """A forward that reads a value on the host: not capturable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        if h.sum().item() > 1e9:  # a host read: illegal while capturing
+            h = h * 0
+        return self.down(torch.relu(h))
+
+
+@needs_cuda
+def test_uncapturable_call_falls_back_to_eager(caplog):
+    torch.manual_seed(0)
+    module = _ReadsValue().to(DEV)
+    plan = {"up": tp.ColwiseParallel(), "down": tp.RowwiseParallel()}
+    graphed = tp.tensor_parallel(copy.deepcopy(module), [DEV, DEV], plan=plan, cuda_graphs=True)
+    x = torch.randn(3, 8, device=DEV)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="tensor_parallel.graphs"):
+        outs = [graphed(x) for _ in range(4)]
+    assert "cannot be captured" in caplog.text
+    assert graphed._graphs.replays == 0
+    for out in outs:
+        # float32 products of 8 and 16 terms, summed in another order than the unsharded model
+        torch.testing.assert_close(out, module(x), atol=1e-6, rtol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_generate_replays_decode_steps(name, n):
+    model = hf_models.build(name).to(DEV)
+    eager = tp.tensor_parallel(copy.deepcopy(model), [DEV] * n)
+    graphed = tp.tensor_parallel(copy.deepcopy(model), [DEV] * n, cuda_graphs=True)
+    assert graphed.generation_config.cache_implementation == "static"
+    ids = torch.randint(3, hf_models.VOCAB, (2, 5), device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs)
+        reference = eager.generate(ids, cache_implementation="static", **kwargs)
+        for attempt in range(2):  # the second generate() replays from its first decode step
+            before = graphed.wrapped_model._graphs.replays
+            got = graphed.generate(ids, **kwargs)
+            assert torch.equal(got.sequences, want.sequences)
+            for step, (mine, theirs) in enumerate(zip(got.logits, reference.logits)):
+                # the replay runs the eager split model's kernels in the same order; 1e-6 leaves
+                # room for a library picking another kernel on another stream
+                torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6, msg=f"step {step}")
+            replayed = graphed.wrapped_model._graphs.replays - before
+            # first call: prefill (its static cache not allocated yet) and first decode step eager,
+            # then 6 decode steps captured/replayed; second call: prefill seen once (eager), the
+            # 7 decode steps replay the graphs of the first call (the ranks' caches are reused)
+            assert replayed == (6 if attempt == 0 else 7), replayed
