@@ -10,8 +10,9 @@ the original tensor_parallel 2.0.0 (in its own venv, driven through a subprocess
 2. Speed: a Llama-architecture model of about 170M parameters (hidden 1024, 8 layers, 16 heads,
    vocabulary 32000, float32): forward latency for 128 tokens and greedy decode time for 32 new
    tokens, split over 2 CPU devices in one process, as ratios to the unsharded model and to
-   the original, measured in one run: unsharded, ours, the original, ours again, unsharded
-   again; each contender's best run counts (noise on a shared machine only adds time).
+   the original, measured in one run: unsharded, ours, the original, ours, the original,
+   unsharded; each contender's best of its two runs counts (noise on a shared machine only adds
+   time).
 3. Memory per device after splitting: bytes of parameters and buffers, and the imbalance
    (largest / mean).
 
@@ -69,6 +70,9 @@ MODELS: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", dict(_WIDE, intermediate_size=1024)),
     "roberta": ("RobertaConfig", dict(_WIDE, intermediate_size=1024)),
 }
+#: the speed runs, in order: every contender twice, interleaved, so that each one's best run is
+#: the best of the same number of tries, spread over the whole measurement
+ORDER = ("unsharded", "tensor_parallel", "original", "tensor_parallel", "original", "unsharded")
 SPEED_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                    num_attention_heads=16, num_key_value_heads=16)
 
@@ -153,7 +157,7 @@ def speed(python: str | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         if python:
             reference.save_pretrained(folder, safe_serialization=False)
-        for name in ("unsharded", "tensor_parallel", "original", "tensor_parallel", "unsharded"):
+        for name in ORDER:
             logger.info("measuring %s ...", name)
             if name == "original":
                 result = run_peer(python, "speed", folder) if python else None
