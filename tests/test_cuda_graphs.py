@@ -9,6 +9,7 @@ several GPUs) and is skipped on CPU-only machines. On the device machine:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -130,6 +131,7 @@ def test_uncapturable_call_falls_back_to_eager(caplog):
         outs = [graphed(x) for _ in range(4)]
     assert "cannot be captured" in caplog.text
     assert graphed._graphs.replays == 0
+    torch.randn(4, device=DEV)  # the failed capture left the random generator usable
     for out in outs:
         # float32 products of 8 and 16 terms, summed in another order than the unsharded model
         torch.testing.assert_close(out, module(x), atol=1e-6, rtol=1e-5)
@@ -163,3 +165,36 @@ def test_generate_replays_decode_steps(name, n):
             # then 6 decode steps captured/replayed; second call: prefill seen once (eager), the
             # 7 decode steps replay the graphs of the first call (the ranks' caches are reused)
             assert replayed == (6 if attempt == 0 else 7), replayed
+
+
+@needs_cuda
+def test_moved_weights_and_resets_capture_again():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16)).to(DEV)
+    graphed = tp.tensor_parallel(copy.deepcopy(mlp), [DEV, DEV], cuda_graphs=True)
+    x = torch.randn(4, 16, device=DEV)
+    # float32 products of 16 and 40 terms summed in another order than the unsharded model
+    close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for _ in range(3):
+            graphed(x)
+        assert graphed._graphs.replays == 2
+        for p in graphed.parameters():
+            p.data = p.data.clone()  # same shapes, new addresses: the old graphs would read freed memory
+        close(graphed(x), mlp(x))  # noticed: eager
+        assert graphed._graphs.replays == 2
+        close(graphed(x), mlp(x))  # captured again, replayed
+        assert graphed._graphs.replays == 3
+        graphed.double()
+        mlp.double()
+        for _ in range(2):  # another signature: eager, then captured and replayed
+            torch.testing.assert_close(graphed(x.double()), mlp(x.double()), atol=1e-12, rtol=1e-12)
+        assert graphed._graphs.replays == 4
+        for module in (graphed, mlp):
+            for p in module.parameters():
+                p.mul_(2)  # in place: same addresses, so the replays read the new values
+        torch.testing.assert_close(graphed(x.double()), mlp(x.double()), atol=1e-12, rtol=1e-12)
+        assert graphed._graphs.replays == 5
+        graphed.reset_cuda_graphs()
+        graphed(x.double())
+        assert graphed._graphs.replays == 5  # forgotten: this call runs eagerly again

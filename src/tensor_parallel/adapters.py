@@ -145,6 +145,7 @@ def adopt_adapters(split: "TensorParallel") -> None:
     if changed:
         split.split_layers.mark_shared_bases()
         split.install_gradient_sums()
+        split.reset_cuda_graphs()  # the captured forwards do not run the new adapters
         logger.info("took over adapters on %d split layers", len(changed))
 
 

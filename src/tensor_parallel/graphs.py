@@ -34,7 +34,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -201,6 +201,12 @@ class _Captured:
     static_inputs: dict[torch.device, list[torch.Tensor]]
     programs: list[_RankProgram]
     keep: Any  # the arguments' rank-local objects, alive as long as the graphs use their tensors
+    weights: list[tuple[torch.Tensor, int]]  # the model's tensors and their addresses at capture
+
+    def weights_moved(self) -> bool:
+        """Whether a parameter or buffer now lives elsewhere (``model.half()``, ``.to(...)``):
+        the graphs would read the old addresses."""
+        return any(tensor.data_ptr() != address for tensor, address in self.weights)
 
 
 class GraphedCalls:
@@ -219,8 +225,9 @@ class GraphedCalls:
         ...     assert all(torch.equal(o, outs[0]) for o in outs)
     """
 
-    def __init__(self, group: ThreadGroup, runner: Any, max_graphs: int = MAX_GRAPHS) -> None:
-        self.group, self.runner, self.max_graphs = group, runner, max_graphs
+    def __init__(self, group: ThreadGroup, runner: Any, tensors: Callable[[], Iterable[torch.Tensor]],
+                 max_graphs: int = MAX_GRAPHS) -> None:
+        self.group, self.runner, self.tensors, self.max_graphs = group, runner, tensors, max_graphs
         self.devices = list(group.devices)
         self.streams = _Streams(self.devices)
         self.captured: collections.OrderedDict[Hashable, _Captured | str] = collections.OrderedDict()
@@ -262,11 +269,24 @@ class GraphedCalls:
                 self._remember(key, "seen")
             return None
         self.captured.move_to_end(key)
+        if isinstance(entry, _Captured) and entry.weights_moved():
+            logger.info("cuda_graphs: the model's tensors moved since capture; capturing again")
+            self.clear()
+            self._remember(key, "seen")
+            return None
         if entry == "seen":
             entry = self._capture(key, args, kwargs, bind)
             if entry is None:
                 return None
         return self._replay(entry, args, kwargs)
+
+    def clear(self) -> None:
+        """Forget every captured call (they are captured again on their next occurrences). The
+        model calls it when its tensors move; call it after changing what the forward does
+        in Python (peft's ``set_adapter``, say), which replays cannot see."""
+        if any(isinstance(entry, _Captured) for entry in self.captured.values()):
+            self.streams.synchronize()
+        self.captured.clear()
 
     def _remember(self, key: Hashable, entry: Any) -> None:
         self.captured[key] = entry
@@ -303,10 +323,12 @@ class GraphedCalls:
                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             self._remember(key, "eager")
             self.streams.synchronize()
+            _release_generators(self.streams.collective)
             return None
         finally:
             self.group.capture = None
-        entry = _Captured(static, programs, keep=[args, kwargs])
+        entry = _Captured(static, programs, keep=[args, kwargs],
+                          weights=[(t, t.data_ptr()) for t in self.tensors()])
         self._remember(key, entry)
         return entry
 
@@ -352,6 +374,18 @@ class GraphedCalls:
         record_collective(kind, outs[0].shape, outs[0].dtype)
         _compute_into(kind, dim, inputs, outs, self.streams, self.streams.ready)
         return [None] * len(items)
+
+
+def _release_generators(devices: Iterable[torch.device]) -> None:
+    """A capture cut short leaves each device's default random generator in capture mode (its
+    epilogue never ran), and every later random op on it fails; one complete capture on each
+    device runs the epilogue again."""
+    for device in devices:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            graph.capture_begin()
+            torch.ones(1, device=device).add_(1)  # not empty: an empty capture warns
+            graph.capture_end()
 
 
 def _fresh(value: Any) -> Any:

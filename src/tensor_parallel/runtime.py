@@ -382,7 +382,7 @@ class TensorParallel(nn.Module):
         if cuda_graphs and sharded:
             raise ValueError("cuda_graphs=True replays inference calls; sharded=True (ZeRO-3) is for training "
                              "and re-gathers parameters on every call: use one or the other")
-        self._graphs = _graphed_calls(placement) if cuda_graphs else None
+        self._graphs = _graphed_calls(placement, self._tensors) if cuda_graphs else None
         self.sharded_keys: set[str] = set()
         self.split_layers = _SplitLayers(shards)
         self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
@@ -515,6 +515,25 @@ class TensorParallel(nn.Module):
                 return results
         return self._runner.run([self._bind(fn, index, args, kwargs) for index in range(len(self.module_shards))])
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer of every shard (CUDA graphs check their addresses)."""
+        return [t for shard in self.module_shards for t in (*shard.parameters(), *shard.buffers())]
+
+    def reset_cuda_graphs(self) -> None:
+        """With ``cuda_graphs=True``: forget the captured calls, so the next ones are captured
+        again. Needed after changing what the forward does in Python state (peft's
+        ``set_adapter``, a flag read by a module); moved weights and adopted adapters are
+        noticed by themselves.
+
+        Example::
+
+            >>> import torch, tensor_parallel as tp
+            >>> model = tp.tensor_parallel(torch.nn.Sequential(torch.nn.Linear(2, 4)), ["cpu", "cpu"])
+            >>> model.reset_cuda_graphs()  # nothing captured: nothing to forget
+        """
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+
     def _bind(self, fn: Callable[..., Any], index: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
         """The call ``fn(shard, *args, **kwargs)`` of this process's ``index``-th shard, with the
         arguments on its device and :class:`RankLocal` ones resolved."""
@@ -617,7 +636,7 @@ def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: A
             state_dict[f"{inner}module_shards.{index}.{key}"] = full if shard is None else shard.take(full, rank)
 
 
-def _graphed_calls(placement: _Placement) -> Any:
+def _graphed_calls(placement: _Placement, tensors: Callable[[], Any]) -> Any:
     """The CUDA-graph runner of ``cuda_graphs=True``, refused where it cannot work."""
     if placement.mode != "threads":
         raise ValueError("cuda_graphs=True captures the ranks of one process; under torch.distributed each "
@@ -628,7 +647,7 @@ def _graphed_calls(placement: _Placement) -> Any:
                          f"drop cuda_graphs or pass device_ids such as ['cuda:0', 'cuda:1']")
     from .graphs import GraphedCalls
 
-    return GraphedCalls(placement.runner.group, placement.runner)
+    return GraphedCalls(placement.runner.group, placement.runner, tensors)
 
 
 def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:

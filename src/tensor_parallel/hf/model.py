@@ -353,6 +353,11 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
                          safe_serialization=safe_serialization, index_name="pytorch_model.bin.index.json",
                          metadata=metadata, progress=progress, extra_files=extra)
 
+    def reset_cuda_graphs(self) -> None:
+        """Forget the captured calls of ``cuda_graphs=True`` (see
+        :meth:`TensorParallel.reset_cuda_graphs`)."""
+        self.wrapped_model.reset_cuda_graphs()
+
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: Any) -> bool:
         """Never compile the split model in generate(): dynamo cannot trace into the ranks'
         threads. With a static cache, ``cuda_graphs=True`` replays the decode steps instead."""
