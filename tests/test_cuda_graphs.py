@@ -198,3 +198,18 @@ def test_moved_weights_and_resets_capture_again():
         graphed.reset_cuda_graphs()
         graphed(x.double())
         assert graphed._graphs.replays == 5  # forgotten: this call runs eagerly again
+
+
+def test_refusals_come_before_building(monkeypatch):
+    """Bad combinations are refused before any shard is built (no half-built model)."""
+    import tensor_parallel.runtime as runtime
+
+    def fail(*args, **kwargs):
+        raise AssertionError("shards were built")
+
+    monkeypatch.setattr(runtime, "build_shards", fail)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True)
+    with pytest.raises(ValueError, match="use one or the other"):
+        tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True, sharded=True)

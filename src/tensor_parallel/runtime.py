@@ -366,7 +366,11 @@ class TensorParallel(nn.Module):
         sharded = _wants_sharding(sharded, sharded_param_names)
         if not isinstance(module, nn.Module):
             raise TypeError(f"tensor_parallel splits an nn.Module, got {type(module).__name__}")
+        if cuda_graphs and sharded:
+            raise ValueError("cuda_graphs=True replays inference calls; sharded=True (ZeRO-3) is for training "
+                             "and re-gathers parameters on every call: use one or the other")
         placement = _placement(device_ids, process_group, timeout, distributed)
+        graphs = _graphed_calls(placement, self._tensors) if cuda_graphs else None  # refused before building
         world_size = placement.world_size
         plan = _choose_plan(module, plan, tensor_parallel_config, world_size, example_inputs)
         self.plan = resolve_plan(module, plan, world_size)
@@ -379,10 +383,7 @@ class TensorParallel(nn.Module):
         self.need_delayed_init = bool(delay_init)
         self._runner = placement.runner
         self._comms = placement.comms
-        if cuda_graphs and sharded:
-            raise ValueError("cuda_graphs=True replays inference calls; sharded=True (ZeRO-3) is for training "
-                             "and re-gathers parameters on every call: use one or the other")
-        self._graphs = _graphed_calls(placement, self._tensors) if cuda_graphs else None
+        self._graphs = graphs
         self.sharded_keys: set[str] = set()
         self.split_layers = _SplitLayers(shards)
         self._unsharded_view = False  # inside save_tensor_parallel(): state_dict() has the original keys
