@@ -29,26 +29,42 @@ from benchmarks.common import RESULTS, write_report
 logger = logging.getLogger("benchmarks.multiprocess")
 
 
-def measure(model, repeats: int = 5) -> dict:
-    """Forward latency (128 tokens) and greedy decode time (32 new tokens), in seconds."""
+def _prompt():
     import torch
 
-    torch.manual_seed(0)
-    prompt = torch.randint(3, 32000, (1, 128))
-    short = prompt[:, :8]
+    return torch.randint(3, 32000, (1, 128), generator=torch.Generator().manual_seed(0))
+
+
+def time_one(model, what: str) -> float:
+    """Seconds of one forward of 128 tokens (``what="forward"``) or of one greedy decode of 32
+    new tokens after an 8-token prompt (``"decode"``). Every contender is timed by this code."""
+    import torch
+
+    prompt = _prompt()
     with torch.no_grad():
-        model(prompt)  # warm-up
-        forwards = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        if what == "forward":
             model(prompt)
-            forwards.append(time.perf_counter() - start)
-        model.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        decodes = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model.generate(short, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-            decodes.append(time.perf_counter() - start)
+        else:
+            model.generate(prompt[:, :8], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        return time.perf_counter() - start
+
+
+def warm_up(model) -> None:
+    """One forward and one short decode: first-call costs stay out of the timings."""
+    import torch
+
+    with torch.no_grad():
+        model(_prompt())
+        model.generate(_prompt()[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+
+def measure(model, repeats: int = 5) -> dict:
+    """Forward latency (128 tokens, median of ``repeats``) and greedy decode time (32 new
+    tokens, median of 3), in seconds, after a warm-up."""
+    warm_up(model)
+    forwards = [time_one(model, "forward") for _ in range(repeats)]
+    decodes = [time_one(model, "decode") for _ in range(3)]
     return {"forward_128": statistics.median(forwards), "decode_32": statistics.median(decodes)}
 
 

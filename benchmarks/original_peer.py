@@ -1,7 +1,10 @@
 """The original tensor_parallel 2.0.0, measured in its own venv (its import name clashes with
-ours): ``V/bin/python benchmarks/original_peer.py speed MODEL_DIR`` or ``... comm SPECS_JSON``.
+ours): ``V/bin/python benchmarks/original_peer.py serve MODEL_DIR`` or ``... comm SPECS_JSON``.
 
-Prints one JSON object on its last line. Run by :mod:`benchmarks.speed`; it imports nothing of
+``comm`` prints one JSON object on its last line. ``serve`` loads and splits the model, prints
+one JSON line (memory per device, collectives of a 128-token forward), then answers each line
+``forward`` or ``decode`` on its standard input with the seconds of one such run (a JSON
+number) until ``quit``, so that the caller can interleave its contenders run by run. Run by :mod:`benchmarks.speed`; it imports nothing of
 ours except the shared timing function, so the two libraries are timed by the same code.
 """
 
@@ -79,8 +82,8 @@ def memory(model) -> list[int]:
     return per_device
 
 
-def speed(path: str) -> dict:
-    from benchmarks.multiprocess import measure
+def serve(path: str) -> None:
+    from benchmarks.multiprocess import time_one, warm_up
 
     model = split(transformers.AutoModelForCausalLM.from_pretrained(path))
     torch.manual_seed(0)
@@ -89,7 +92,13 @@ def speed(path: str) -> dict:
         COUNTER.bytes.clear()
         model(torch.randint(3, 32000, (1, 128)))
         comm = {"calls": dict(COUNTER.calls), "bytes": sum(COUNTER.bytes.values())}
-    return {**measure(model), "memory": memory(model), "comm": comm}
+    warm_up(model)
+    print(json.dumps({"memory": memory(model), "comm": comm}), flush=True)
+    for line in sys.stdin:
+        what = line.strip()
+        if what not in ("forward", "decode"):
+            break
+        print(json.dumps(time_one(model, what)), flush=True)
 
 
 def comm(specs: dict) -> dict:
@@ -120,5 +129,7 @@ def comm(specs: dict) -> dict:
 
 if __name__ == "__main__":
     command, argument = sys.argv[1], sys.argv[2]
-    out = speed(argument) if command == "speed" else comm(json.loads(argument))
-    print(json.dumps(out))
+    if command == "serve":
+        serve(argument)
+    else:
+        print(json.dumps(comm(json.loads(argument))))

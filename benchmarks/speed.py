@@ -10,9 +10,10 @@ the original tensor_parallel 2.0.0 (in its own venv, driven through a subprocess
 2. Speed: a Llama-architecture model of about 170M parameters (hidden 1024, 8 layers, 16 heads,
    vocabulary 32000, float32): forward latency for 128 tokens and greedy decode time for 32 new
    tokens, split over 2 CPU devices in one process, as ratios to the unsharded model and to
-   the original, measured in one run: unsharded, ours, the original, ours, the original,
-   unsharded; each contender's best of its two runs counts (noise on a shared machine only adds
-   time).
+   the original. All three are loaded at once (the original in a subprocess of its venv that
+   serves timings) and timed in rounds: each round runs every contender once, in an order that
+   rotates, and each ratio is the median over the rounds of the ratio within a round, so that
+   the slow drifts of a shared machine's speed (40% between runs minutes apart) cancel.
 3. Memory per device after splitting: bytes of parameters and buffers, and the imbalance
    (largest / mean).
 
@@ -28,6 +29,7 @@ import datetime
 import json
 import logging
 import os
+import statistics
 import subprocess
 import tempfile
 
@@ -36,7 +38,7 @@ import transformers
 
 import tensor_parallel as tp
 from benchmarks.common import RESULTS, write_report
-from benchmarks.multiprocess import measure
+from benchmarks.multiprocess import time_one, warm_up
 from tensor_parallel.hf.plans import vocabulary_share
 
 logger = logging.getLogger("benchmarks.speed")
@@ -70,9 +72,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", dict(_WIDE, intermediate_size=1024)),
     "roberta": ("RobertaConfig", dict(_WIDE, intermediate_size=1024)),
 }
-#: the speed runs, in order: every contender twice, interleaved, so that each one's best run is
-#: the best of the same number of tries, spread over the whole measurement
-ORDER = ("unsharded", "tensor_parallel", "original", "tensor_parallel", "original", "unsharded")
+#: rounds of the speed measurement: each times every contender once
+ROUNDS = 7
 SPEED_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                    num_attention_heads=16, num_key_value_heads=16)
 
@@ -149,25 +150,79 @@ def run_peer(python: str, *args: str) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def speed(python: str | None) -> dict:
+class Peer:
+    """The original library serving timings from its venv (``original_peer.py serve``)."""
+
+    def __init__(self, python: str, folder: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # never import our library there
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([python, _PEER, "serve", folder], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env)
+        self.facts = self._answer()  # memory per device and collectives, once loaded and warmed up
+
+    def _answer(self):
+        for line in self.process.stdout:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue  # something else printed on stdout
+        self.errors.seek(0)
+        raise RuntimeError(f"the original library stopped:\n{self.errors.read()[-3000:]}")
+
+    def __call__(self, what: str) -> float:
+        self.process.stdin.write(what + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+        self.errors.close()
+
+
+def _local(model):
+    return lambda what: time_one(model, what)
+
+
+def speed(python: str | None, rounds: int = ROUNDS) -> dict:
+    """Every contender timed once per round, forward then decode, in an order that rotates from
+    round to round, so that each round's runs are close in time and the paired ratios cancel
+    the machine's slow drifts."""
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SPEED_MODEL)).eval()
     split = tp.tensor_parallel(copy.deepcopy(reference), ["cpu", "cpu"])
-    runs = []
+    contenders = {"unsharded": _local(reference), "tensor_parallel": _local(split)}
+    peer = None
     with tempfile.TemporaryDirectory() as folder:
         if python:
             reference.save_pretrained(folder, safe_serialization=False)
-        for name in ORDER:
-            logger.info("measuring %s ...", name)
-            if name == "original":
-                result = run_peer(python, "speed", folder) if python else None
-                if result is not None:
-                    runs.append({"run": name, **result})
-                continue
-            runs.append({"run": name, **measure(reference if name == "unsharded" else split)})
+            try:
+                peer = Peer(python, folder)
+                contenders["original"] = peer
+            except RuntimeError as error:
+                logger.error("%s", error)
+        try:
+            warm_up(reference)
+            warm_up(split)
+            samples = {name: {"forward": [], "decode": []} for name in contenders}
+            names = list(contenders)
+            for index in range(rounds):
+                order = names[index % len(names):] + names[:index % len(names)]
+                logger.info("round %d/%d: %s", index + 1, rounds, ", ".join(order))
+                for name in order:
+                    for what in ("forward", "decode"):
+                        samples[name][what].append(contenders[name](what))
+        finally:
+            if peer is not None:
+                peer.close()
     comm = {**count(copy.deepcopy(reference)), **shape(reference), "vocabulary_share": vocabulary_share(reference)}
     del comm["plan"]
-    return {"runs": runs, "memory": memory(split), "comm": comm,
+    return {"samples": samples, "rounds": rounds, "memory": memory(split), "comm": comm,
+            "original": peer.facts if peer is not None else None,
             "unsharded_bytes": sum(t.numel() * t.element_size() for t in [*reference.parameters(), *reference.buffers()])}
 
 
@@ -176,12 +231,14 @@ def speed(python: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def best(runs: list[dict], name: str) -> dict | None:
-    """The contender's best forward and best decode over its runs."""
-    mine = [r for r in runs if r["run"] == name]
-    if not mine:
-        return None
-    return {key: min(r[key] for r in mine) for key in ("forward_128", "decode_32")}
+def paired(samples: dict, mine: str, theirs: str, what: str) -> list[float]:
+    """Round by round, ``theirs`` time / ``mine``: how many times as fast ``mine`` is."""
+    return [t / m for m, t in zip(samples[mine][what], samples[theirs][what])]
+
+
+def _summary(ratios: list[float]) -> str:
+    """Median of the rounds' ratios | their range (two table cells)."""
+    return f"{statistics.median(ratios):.2f} | {min(ratios):.2f} to {max(ratios):.2f}"
 
 
 def _calls(calls: dict) -> str:
@@ -207,37 +264,41 @@ def comm_table(rows: dict, original: dict | None, speed_comm: dict, speed_origin
 
 
 def report(comm: dict, original_comm: dict | None, result: dict, command: str) -> str:
-    runs = result["runs"]
-    base, ours, theirs = best(runs, "unsharded"), best(runs, "tensor_parallel"), best(runs, "original")
-    speed_original = next((r for r in runs if r["run"] == "original"), None)
+    samples, original = result["samples"], result["original"]
     lines = [f"# Speed, communication and memory in one process, {datetime.date.today()}", "",
              f"Command: `{command}`", "",
              f"## Communication per forward (2 devices, {TOKENS} tokens)", ""]
-    lines += comm_table(comm, original_comm, result["comm"], speed_original)
+    lines += comm_table(comm, original_comm, result["comm"], original)
     lines += ["", "Activations per layer: bytes / (layers x tokens x width x 4 bytes). The floor is Megatron's: 2 "
               "all-reduces of one activation per layer (T5: 3 per decoder layer). The original runs on transformers "
               "4.33: `absent` means that version has no such architecture, `fails` that the original raised (the error "
               "is in speed.json).", "",
               "## Speed, 170M Llama, float32, 2 CPU devices in one process", "",
-              "| run | forward, 128 tokens (s) | forward / unsharded | greedy decode, 32 tokens (s) | "
-              "decode / unsharded |", "|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['run']} | {r['forward_128']:.3f} | {r['forward_128'] / base['forward_128']:.2f} | "
-                     f"{r['decode_32']:.2f} | {r['decode_32'] / base['decode_32']:.2f} |")
-    lines += ["", "Rows in the order they ran; ratios are to the unsharded model's best run. Best runs: "
-              f"forward ours / unsharded = **{ours['forward_128'] / base['forward_128']:.2f}**, "
-              f"decode ours / unsharded = **{ours['decode_32'] / base['decode_32']:.2f}**"]
-    if theirs:
-        lines[-1] += (f"; against the original, ours is **{theirs['forward_128'] / ours['forward_128']:.2f}x** as "
-                      f"fast on the forward and **{theirs['decode_32'] / ours['decode_32']:.2f}x** on decode.")
+              f"{result['rounds']} rounds; in each, every contender runs one forward of {TOKENS} tokens and one greedy "
+              "decode of 32 new tokens, in an order that rotates from round to round. Times are medians over the "
+              "rounds; ratios are medians of the ratios within each round (runs close in time), with their range.", "",
+              "| run | forward, 128 tokens (s) | greedy decode, 32 tokens (s) | unsharded / this: forward | rounds | "
+              "unsharded / this: decode | rounds |", "|---|---|---|---|---|---|---|"]
+    for name in samples:
+        forward, decode = (statistics.median(samples[name][w]) for w in ("forward", "decode"))
+        lines.append(f"| {name} | {forward:.3f} | {decode:.2f} | {_summary(paired(samples, name, 'unsharded', 'forward'))} | "
+                     f"{_summary(paired(samples, name, 'unsharded', 'decode'))} |")
+    if "original" in samples:
+        lines += ["", "Against the original, ours is **"
+                  f"{statistics.median(paired(samples, 'tensor_parallel', 'original', 'forward')):.2f}x** as fast on the "
+                  f"forward and **{statistics.median(paired(samples, 'tensor_parallel', 'original', 'decode')):.2f}x** on "
+                  "decode (medians of the rounds' ratios), ratios by round:", "",
+                  "| ours vs the original | median | rounds |", "|---|---|---|",
+                  f"| forward | {_summary(paired(samples, 'tensor_parallel', 'original', 'forward'))} |",
+                  f"| decode | {_summary(paired(samples, 'tensor_parallel', 'original', 'decode'))} |"]
     else:
-        lines[-1] += "; the original did not run (no venv given, or it failed)."
+        lines += ["", "The original did not run (no venv given, or it failed)."]
     lines += ["", "## Memory per device after splitting", "",
               "| run | device 0 (MB) | device 1 (MB) | imbalance (largest / mean) | all devices / unsharded |",
               "|---|---|---|---|---|"]
     unsharded = result["unsharded_bytes"]
     for name, per_device in (("tensor_parallel", result["memory"]),
-                             ("original", speed_original["memory"] if speed_original else None)):
+                             ("original", original["memory"] if original else None)):
         if per_device:
             mean = sum(per_device) / len(per_device)
             lines.append(f"| {name} | {per_device[0] / 1e6:.0f} | {per_device[1] / 1e6:.0f} | "
@@ -251,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-venv", default=os.environ.get("TP_PEER_VENV"),
                         help="venv of the original tensor_parallel 2.0.0 (python -m benchmarks.run creates one)")
     parser.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"speed rounds (default {ROUNDS})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     python = os.path.join(args.peer_venv, "bin", "python") if args.peer_venv else None
     if python and not os.path.exists(python):
         parser.error(f"--peer-venv {args.peer_venv}: no bin/python there")
     logger.info("speed ...")  # first: the timings, while the machine is as it was at the start
-    result = speed(python)
+    result = speed(python, args.rounds)
     logger.info("communication ...")
     comm = communication()
     specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}
@@ -265,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.speed" + (f" --peer-venv {os.path.relpath(args.peer_venv)}" if python else "")
     data = {"communication": comm, "original_communication": original_comm, **result}
     write_report("speed", report(comm, original_comm, result, command), data=data, results=args.results,
-                 marks={"unsharded": 1.0, "activations per layer": 2.0},
-                 columns=("activations per layer", "/ unsharded", "imbalance"))
+                 marks={"unsharded / this": 1.0, "activations per layer": 2.0},
+                 columns=("activations per layer", "unsharded / this", "imbalance"))
     return 0
 
 
