@@ -213,3 +213,19 @@ def test_refusals_come_before_building(monkeypatch):
         tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True)
     with pytest.raises(ValueError, match="use one or the other"):
         tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True, sharded=True)
+
+
+def test_encoder_decoder_static_cache_reused():
+    """T5's cache is an EncoderDecoderCache of two static caches: both are reused, and the
+    graph key sees their tensors."""
+    model = hf_models.build("t5")
+    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu", "cpu"])
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    want = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    keys = []
+    for _ in range(2):
+        got = split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+        assert torch.equal(got, want)
+        keys.append(split._static_cache.graph_key())
+    assert keys[0] is not None and keys[0] == keys[1]
+    assert len(keys[0][1]) > 0  # the addresses of both caches' tensors

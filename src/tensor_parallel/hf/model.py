@@ -80,7 +80,10 @@ class ShardedCache(Cache, RankLocal):
             return None
         addresses = []
         for cache in self.caches:
-            for layer in getattr(cache, "layers", []):
+            layers = _cache_layers(cache)
+            if not layers:
+                return None  # a cache whose tensors we cannot see: no replays on it
+            for layer in layers:
                 if not getattr(layer, "is_initialized", True):
                     return None
                 addresses += [(name, t.data_ptr()) for name, t in vars(layer).items() if isinstance(t, torch.Tensor)]
@@ -95,10 +98,20 @@ _DELEGATED_TO_RANK0 = {name for name, _ in inspect.getmembers(Cache)
                        if not name.startswith("__") and name not in ShardedCache._broadcast}
 
 
+def _cache_layers(cache: Cache) -> list[Any]:
+    """A cache's layers, those of an encoder-decoder cache's two caches included."""
+    layers = list(getattr(cache, "layers", None) or [])
+    for name in ("self_attention_cache", "cross_attention_cache"):
+        inner = getattr(cache, name, None)
+        if isinstance(inner, Cache):
+            layers += _cache_layers(inner)
+    return layers
+
+
 def _to_cache_device(value: Any, cache: Cache) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
-    for layer in getattr(cache, "layers", []):
+    for layer in _cache_layers(cache):
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor):
             return value.to(keys.device)
@@ -428,8 +441,10 @@ def _pad_mask_to_cache(kwargs: dict, cache: Any) -> None:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a forward's inputs (``input_ids`` or ``inputs_embeds``), if given."""
-    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    """The batch size of a forward's inputs (``input_ids``, ``inputs_embeds`` or their decoder
+    counterparts), if given."""
+    names = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+    for value in (*args[:1], *(kwargs.get(name) for name in names)):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
@@ -438,9 +453,10 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 def _same_static_layout(old: Cache, new: Cache, batch_size: int | None) -> bool:
     """Whether ``old`` (a rank's static cache, used before) can stand in for the new empty
     ``new``: same class, layers of the same classes and lengths, allocated for this batch."""
-    if type(old) is not type(new) or len(old.layers) != len(new.layers):
+    old_layers, new_layers = _cache_layers(old), _cache_layers(new)
+    if type(old) is not type(new) or not old_layers or len(old_layers) != len(new_layers):
         return False
-    for before, now in zip(old.layers, new.layers):
+    for before, now in zip(old_layers, new_layers):
         if type(before) is not type(now):
             return False
         for name in ("max_cache_len", "sliding_window", "max_batch_size"):
