@@ -178,7 +178,9 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
                  tensor_parallel_config: Config | None = None, *, plan: Mapping[str, Style] | None = None,
                  **options: Any) -> None:
         """``options`` are :class:`~tensor_parallel.TensorParallel`'s: ``delay_init``,
-        ``distributed``, ``sharded``, ``sharded_param_names``, ``timeout``, ``process_group``."""
+        ``distributed``, ``sharded``, ``sharded_param_names``, ``timeout``, ``process_group``,
+        ``cuda_graphs`` (then ``generate`` uses a static KV cache by default and replays its
+        decode steps as CUDA graphs)."""
         if not isinstance(module, PreTrainedModel):
             raise TypeError(f"TensorParallelPreTrainedModel wraps a transformers PreTrainedModel, got "
                             f"{type(module).__name__}; use tp.tensor_parallel() for other modules")
