@@ -112,7 +112,7 @@ def check_speed() -> None:
             if cache is not None:  # else the model's own choice (static with cuda_graphs=True)
                 options["cache_implementation"] = cache
             with torch.no_grad():
-                forward = timed(lambda: m(ids))
+                forward = timed(lambda: m(ids, use_cache=False))  # a cache made by the forward is never replayed
                 decode = timed(lambda: m.generate(ids[:, :8], **options), 3)
                 tokens[label] = m.generate(ids[:, :8], **options)
             graphs = getattr(getattr(m, "wrapped_model", None), "_graphs", None)

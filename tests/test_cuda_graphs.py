@@ -44,24 +44,59 @@ def test_refused_without_cuda_devices():
         tp.tensor_parallel(hf_models.build("llama"), ["cpu", "cpu"], cuda_graphs=True)
 
 
-def test_static_cache_reused_between_generate_calls():
-    """generate() makes a new static cache per call; the ranks keep theirs (same addresses,
-    so captured graphs stay valid), and the tokens stay the unsharded model's."""
-    model = hf_models.build("llama")
-    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu", "cpu"])
+def _prefilled(name, n=2):
+    """A split model and the ShardedCache of a prefill with a static cache (on the CPU)."""
+    model = hf_models.build(name)
+    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu"] * n)
     ids = torch.tensor([[5, 6, 7, 8]])
-    want = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
-    assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static"), want)
-    key = split._static_cache.graph_key()
-    assert key is not None
-    assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static"), want)
-    assert split._static_cache.graph_key() == key
-    two = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # another batch size: new caches
-    got = split.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5, do_sample=False,
-                         cache_implementation="static")
-    assert torch.equal(got, model.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5,
-                                           do_sample=False, cache_implementation="static"))
-    assert split._static_cache.graph_key() != key
+    with torch.no_grad():
+        out = split.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                             return_dict_in_generate=True)
+    return split, out.past_key_values
+
+
+def test_graph_key_sees_addresses_and_python_state():
+    from tensor_parallel.hf import ShardedCache
+
+    split, cache = _prefilled("llama")
+    assert isinstance(cache, ShardedCache) and split.wrapped_model._graphs is None
+    key = cache.graph_key()
+    assert key is not None and key == cache.graph_key()
+    layer = cache.caches[1].layers[0]
+    layer.keys = layer.keys.clone()  # rank 1's tensor moved: another signature
+    assert cache.graph_key() != key
+    key = cache.graph_key()
+    layer.max_cache_len += 1  # Python state a replay could not update: another signature
+    assert cache.graph_key() != key
+
+
+def test_encoder_decoder_cache_python_state_in_key_and_restored():
+    """T5's EncoderDecoderCache marks its cross-attention layers computed (is_updated) in
+    Python: the first decoder step of a generate() must not replay a later step's graph, and
+    a failed capture must give the eager run the state it found."""
+    split, cache = _prefilled("t5")
+    inner = cache.caches[0]
+    assert inner.is_updated and all(inner.is_updated.values())
+    key, restore = cache.graph_key(), cache.snapshot()
+    for rank_cache in cache.caches:
+        rank_cache.is_updated = {layer: False for layer in rank_cache.is_updated}
+    assert cache.graph_key() != key
+    restore()
+    assert cache.graph_key() == key and all(inner.is_updated.values())
+    addresses = [part for part in key[1] if len(part) == 2 and part[0] in ("keys", "values")]
+    assert len(addresses) == 2 * 2 * 2 * 2  # 2 ranks x 2 caches (self, cross) x 2 layers x keys/values
+
+
+def test_same_static_layout():
+    from tensor_parallel.hf.model import _same_static_layout
+    from transformers import StaticCache
+
+    split, cache = _prefilled("llama")
+    config = split.config
+    length = cache.caches[0].layers[0].max_cache_len
+    assert _same_static_layout(cache.caches[0], StaticCache(config=config, max_cache_len=length), 1)
+    assert not _same_static_layout(cache.caches[0], StaticCache(config=config, max_cache_len=length), 2)  # batch
+    assert not _same_static_layout(cache.caches[0], StaticCache(config=config, max_cache_len=length + 1), 1)
 
 
 def test_growing_cache_has_no_graph_key():
@@ -138,33 +173,57 @@ def test_uncapturable_call_falls_back_to_eager(caplog):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3", "t5"])
 @pytest.mark.parametrize("n", [2, 3])
 def test_generate_replays_decode_steps(name, n):
     model = hf_models.build(name).to(DEV)
     eager = tp.tensor_parallel(copy.deepcopy(model), [DEV] * n)
     graphed = tp.tensor_parallel(copy.deepcopy(model), [DEV] * n, cuda_graphs=True)
-    assert graphed.generation_config.cache_implementation == "static"
-    ids = torch.randint(3, hf_models.VOCAB, (2, 5), device=DEV, generator=torch.Generator(DEV).manual_seed(0))
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                  return_dict_in_generate=True, output_logits=True)
+    generator = torch.Generator(DEV).manual_seed(0)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
     with torch.no_grad():
-        want = model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs)
-        reference = eager.generate(ids, cache_implementation="static", **kwargs)
-        for attempt in range(2):  # the second generate() replays from its first decode step
+        for attempt in range(2):  # a new prompt of the same shape: the second call replays the first's graphs
+            ids = torch.randint(3, hf_models.VOCAB, (2, 5), device=DEV, generator=generator)
+            mask = torch.ones_like(ids)
+            want = model.generate(ids, attention_mask=mask, cache_implementation="static", disable_compile=True,
+                                  **kwargs)
+            reference = eager.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
             before = graphed.wrapped_model._graphs.replays
-            got = graphed.generate(ids, **kwargs)
+            got = graphed.generate(ids, attention_mask=mask, **kwargs)  # static cache by default
             assert torch.equal(got.sequences, want.sequences)
             for step, (mine, theirs) in enumerate(zip(got.logits, reference.logits)):
                 # the replay runs the eager split model's kernels in the same order; 1e-6 leaves
                 # room for a library picking another kernel on another stream
                 torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6, msg=f"step {step}")
             replayed = graphed.wrapped_model._graphs.replays - before
-            # first call: prefill (its static cache not allocated yet) and first decode step eager,
-            # then 6 decode steps captured/replayed; second call: prefill seen once (eager), the
-            # 7 decode steps replay the graphs of the first call (the ranks' caches are reused)
-            assert replayed == (6 if attempt == 0 else 7), replayed
+            if name == "t5":  # the first decoder step computes cross-attention (another signature)
+                assert replayed >= (4 if attempt == 0 else 6), replayed
+            else:
+                # first call: prefill (its static cache not allocated yet) and first decode step eager,
+                # then 6 decode steps captured/replayed; second call: prefill seen once (eager), the
+                # 7 decode steps replay the graphs of the first call (the ranks' caches are reused)
+                assert replayed == (6 if attempt == 0 else 7), replayed
+
+
+@needs_cuda
+def test_outputs_holding_new_objects_are_not_replayed(caplog):
+    """A forward that builds a KV cache itself (use_cache=True, none given) returns it: replays
+    would hand every caller the same object, so such calls stay eager."""
+    model = hf_models.build("llama").to(DEV)
+    graphed = tp.tensor_parallel(copy.deepcopy(model), [DEV, DEV], cuda_graphs=True)
+    ids = torch.randint(3, hf_models.VOCAB, (1, 6), device=DEV)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="tensor_parallel.graphs"):
+        outs = [graphed(ids) for _ in range(3)]
+        assert graphed.wrapped_model._graphs.replays == 0 and "made by the forward" in caplog.text
+        assert outs[0].past_key_values is not outs[1].past_key_values
+        for out in outs:
+            # float32 logits of a 2-layer model, summed in another order than the unsharded one
+            torch.testing.assert_close(out.logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        plain = [graphed(ids, use_cache=False).logits for _ in range(3)]  # nothing made: replayed
+        assert graphed.wrapped_model._graphs.replays == 2
+        for logits in plain:
+            torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @needs_cuda
@@ -213,19 +272,3 @@ def test_refusals_come_before_building(monkeypatch):
         tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True)
     with pytest.raises(ValueError, match="use one or the other"):
         tp.tensor_parallel(mlp, ["cpu", "cpu"], cuda_graphs=True, sharded=True)
-
-
-def test_encoder_decoder_static_cache_reused():
-    """T5's cache is an EncoderDecoderCache of two static caches: both are reused, and the
-    graph key sees their tensors."""
-    model = hf_models.build("t5")
-    split = tp.tensor_parallel(copy.deepcopy(model), ["cpu", "cpu"])
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    want = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
-    keys = []
-    for _ in range(2):
-        got = split.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
-        assert torch.equal(got, want)
-        keys.append(split._static_cache.graph_key())
-    assert keys[0] is not None and keys[0] == keys[1]
-    assert len(keys[0][1]) > 0  # the addresses of both caches' tensors

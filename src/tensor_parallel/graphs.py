@@ -143,30 +143,36 @@ def _compute_into(kind: str, dim: int | None, inputs: Sequence[torch.Tensor], ou
 
 @dataclass
 class _RankProgram:
-    """One rank's captured call: graphs between collectives, and the collectives' buffers."""
+    """One rank's captured call: graphs between collectives, and the collectives' buffers.
+    Captures begin and end on the rank's stream, whatever stream the forward made current."""
 
     rank: int
     pool: Any
+    stream: torch.cuda.Stream
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
     collectives: list[tuple[str, int | None, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     open: torch.cuda.CUDAGraph | None = None
     output: Any = None
 
     def begin(self) -> None:
-        self.open = torch.cuda.CUDAGraph()
-        self.open.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.open = graph
 
     def end(self) -> None:
-        graph, self.open = self.open, None
-        graph.capture_end()
-        self.graphs.append(graph)
+        with torch.cuda.stream(self.stream):
+            self.open.capture_end()
+        self.graphs.append(self.open)
+        self.open = None
 
     def abandon(self) -> None:
         """End a capture cut short by an error (the error in flight is the one reported)."""
         graph, self.open = self.open, None
         if graph is not None:
             try:
-                graph.capture_end()
+                with torch.cuda.stream(self.stream):
+                    graph.capture_end()
             except RuntimeError:
                 pass
 
@@ -226,8 +232,9 @@ class GraphedCalls:
     """
 
     def __init__(self, group: ThreadGroup, runner: Any, tensors: Callable[[], Iterable[torch.Tensor]],
-                 max_graphs: int = MAX_GRAPHS) -> None:
+                 modes: Callable[[], Hashable] = lambda: None, max_graphs: int = MAX_GRAPHS) -> None:
         self.group, self.runner, self.tensors, self.max_graphs = group, runner, tensors, max_graphs
+        self.modes = modes  # the model's train/eval mode and the like: part of every signature
         self.devices = list(group.devices)
         self.streams = _Streams(self.devices)
         self.captured: collections.OrderedDict[Hashable, _Captured | str] = collections.OrderedDict()
@@ -238,7 +245,8 @@ class GraphedCalls:
     def signature(self, fn: Callable, args: tuple, kwargs: dict) -> Hashable | None:
         """The key of a call, or ``None`` when it cannot be captured."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        parts: list[Hashable] = [fn, str(spec)]
+        autocast = tuple((torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in ("cuda", "cpu"))
+        parts: list[Hashable] = [fn, str(spec), autocast, self.modes()]
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 if leaf.device.type not in ("cuda", "cpu"):
@@ -309,21 +317,26 @@ class GraphedCalls:
 
     def _capture(self, key, args, kwargs, bind) -> _Captured | None:
         static = self._static_inputs(args, kwargs)
-        programs = [_RankProgram(rank, torch.cuda.graph_pool_handle()) for rank in range(len(self.devices))]
+        programs = [_RankProgram(rank, torch.cuda.graph_pool_handle(), self.streams.rank[rank])
+                    for rank in range(len(self.devices))]
         capture = _Capture(self.group, self.streams, programs)
         calls = []
         for rank, device in enumerate(self.devices):
             calls.append(self._capturing(programs[rank], bind(rank, *self._rank_tree(args, kwargs, static[device]))))
+        restores = [leaf.snapshot() for leaf in pytree.tree_leaves((args, kwargs)) if hasattr(leaf, "snapshot")]
         self.streams.synchronize()
         self.group.capture = capture
         try:
             self.runner.run(calls)
+            _check_outputs(programs, calls)
         except Exception as error:  # not capturable: this signature runs eagerly from now on
             logger.warning("cuda_graphs: this call cannot be captured, it runs eagerly (%s: %s)",
                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             self._remember(key, "eager")
             self.streams.synchronize()
             _release_generators(self.streams.collective)
+            for restore in restores:  # the eager run must find the Python state the capture found
+                restore()
             return None
         finally:
             self.group.capture = None
@@ -333,10 +346,8 @@ class GraphedCalls:
         return entry
 
     def _capturing(self, program: _RankProgram, call: Callable[[], Any]) -> Callable[[], Any]:
-        stream = self.streams.rank[program.rank]
-
         def run() -> None:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(program.stream):
                 program.begin()
                 try:
                     program.output = call()
@@ -344,16 +355,19 @@ class GraphedCalls:
                 except BaseException:
                     program.abandon()
                     raise
+        run.call = call  # type: ignore[attr-defined]  # its arguments: what outputs may hold
         return run
 
     def _replay(self, entry: _Captured, args: tuple, kwargs: dict) -> list[Any]:
         leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         for buffers in entry.static_inputs.values():
             for buffer, leaf in zip(buffers, leaves):
-                buffer.copy_(leaf, non_blocking=True)
+                buffer.copy_(leaf, non_blocking=leaf.device.type != "cpu")  # host memory: read now, as eager
         self.streams.after_callers()
-        self.runner.run([functools.partial(self._replay_rank, program) for program in entry.programs])
-        self.streams.callers_after()
+        try:
+            self.runner.run([functools.partial(self._replay_rank, program) for program in entry.programs])
+        finally:  # also when a rank failed: the caller's next work waits for what was launched
+            self.streams.callers_after()
         self.replays += 1
         return [pytree.tree_map(_fresh, program.output) for program in entry.programs]
 
@@ -374,6 +388,23 @@ class GraphedCalls:
         record_collective(kind, outs[0].shape, outs[0].dtype)
         _compute_into(kind, dim, inputs, outs, self.streams, self.streams.ready)
         return [None] * len(items)
+
+
+_PLAIN = (torch.Tensor, bool, int, float, str, torch.dtype, torch.device, type(None))
+
+
+def _check_outputs(programs: Sequence[_RankProgram], calls: Sequence[Callable[[], None]]) -> None:
+    """Outputs may hold tensors (copied for the caller after each replay), plain values, and the
+    objects the call was given (a KV cache passed in comes back); any other object (a cache the
+    forward made itself) would be the same object on every replay, holding tensors that the
+    next replay overwrites: such calls are not replayed."""
+    for program, run in zip(programs, calls):
+        bound = run.call  # type: ignore[attr-defined]
+        given = {id(x) for x in pytree.tree_leaves((bound.args, bound.keywords))}
+        for leaf in pytree.tree_leaves(program.output):
+            if not isinstance(leaf, _PLAIN) and id(leaf) not in given:
+                raise TypeError(f"the output holds a {type(leaf).__name__} made by the forward, which "
+                                f"replays would share between calls")
 
 
 def _release_generators(devices: Iterable[torch.device]) -> None:

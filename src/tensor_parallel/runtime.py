@@ -370,7 +370,7 @@ class TensorParallel(nn.Module):
             raise ValueError("cuda_graphs=True replays inference calls; sharded=True (ZeRO-3) is for training "
                              "and re-gathers parameters on every call: use one or the other")
         placement = _placement(device_ids, process_group, timeout, distributed)
-        graphs = _graphed_calls(placement, self._tensors) if cuda_graphs else None  # refused before building
+        graphs = _graphed_calls(placement, self._tensors, self._modes) if cuda_graphs else None  # refused early
         world_size = placement.world_size
         plan = _choose_plan(module, plan, tensor_parallel_config, world_size, example_inputs)
         self.plan = resolve_plan(module, plan, world_size)
@@ -457,6 +457,7 @@ class TensorParallel(nn.Module):
         device (a model built under ``init_empty_weights``) get their piece on their device."""
         from .checkpoint import load_split_state_dict
 
+        self.reset_cuda_graphs()  # assign=True puts new tensors in place: graphs would read the old
         if assign or not any(t.device.type == "meta" for t in nn.Module.state_dict(self, keep_vars=True).values()):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         return load_split_state_dict(self, state_dict, strict=strict)
@@ -519,6 +520,10 @@ class TensorParallel(nn.Module):
     def _tensors(self) -> list[torch.Tensor]:
         """Every parameter and buffer of every shard (CUDA graphs check their addresses)."""
         return [t for shard in self.module_shards for t in (*shard.parameters(), *shard.buffers())]
+
+    def _modes(self) -> tuple[bool, ...]:
+        """Each shard's train/eval flag (a graph captured in one mode must not serve the other)."""
+        return tuple(shard.training for shard in self.module_shards)
 
     def reset_cuda_graphs(self) -> None:
         """With ``cuda_graphs=True``: forget the captured calls, so the next ones are captured
@@ -637,7 +642,7 @@ def _cut_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: A
             state_dict[f"{inner}module_shards.{index}.{key}"] = full if shard is None else shard.take(full, rank)
 
 
-def _graphed_calls(placement: _Placement, tensors: Callable[[], Any]) -> Any:
+def _graphed_calls(placement: _Placement, tensors: Callable[[], Any], modes: Callable[[], Any]) -> Any:
     """The CUDA-graph runner of ``cuda_graphs=True``, refused where it cannot work."""
     if placement.mode != "threads":
         raise ValueError("cuda_graphs=True captures the ranks of one process; under torch.distributed each "
@@ -648,7 +653,7 @@ def _graphed_calls(placement: _Placement, tensors: Callable[[], Any]) -> Any:
                          f"drop cuda_graphs or pass device_ids such as ['cuda:0', 'cuda:1']")
     from .graphs import GraphedCalls
 
-    return GraphedCalls(placement.runner.group, placement.runner, tensors)
+    return GraphedCalls(placement.runner.group, placement.runner, tensors, modes)
 
 
 def _call_shard(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:

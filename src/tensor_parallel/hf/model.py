@@ -8,7 +8,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -75,10 +75,13 @@ class ShardedCache(Cache, RankLocal):
 
     def graph_key(self) -> Any:
         """For ``cuda_graphs=True``: the addresses of every rank's cache tensors when they are
-        static (a ``StaticCache``, allocated), else ``None`` (a growing cache runs eagerly)."""
+        static (a ``StaticCache``, allocated), and the caches' Python state (an encoder-decoder
+        cache's ``is_updated``, a sliding window's position counter), which a replay cannot
+        change: a call whose Python state differs is another signature. ``None`` (no replays)
+        for a growing cache."""
         if not self.caches[0].is_compileable:
             return None
-        addresses = []
+        parts = []
         for cache in self.caches:
             layers = _cache_layers(cache)
             if not layers:
@@ -86,8 +89,20 @@ class ShardedCache(Cache, RankLocal):
             for layer in layers:
                 if not getattr(layer, "is_initialized", True):
                     return None
-                addresses += [(name, t.data_ptr()) for name, t in vars(layer).items() if isinstance(t, torch.Tensor)]
-        return id(self), tuple(addresses)
+                parts += [(name, t.data_ptr()) for name, t in vars(layer).items() if isinstance(t, torch.Tensor)]
+            parts += [_plain_state(holder) for holder in _cache_parts(cache)]
+        return id(self), tuple(parts)
+
+    def snapshot(self) -> Callable[[], None]:
+        """A function restoring every rank cache's Python state as it is now (used when a
+        capture fails after the forward ran its Python side: the call then runs eagerly)."""
+        saved = [(holder, {k: copy.copy(v) for k, v in vars(holder).items() if _is_plain(v)})
+                 for cache in self.caches for holder in _cache_parts(cache)]
+
+        def restore() -> None:
+            for holder, values in saved:
+                vars(holder).update(values)
+        return restore
 
     def __repr__(self) -> str:
         return f"ShardedCache({len(self.caches)} x {type(self.caches[0]).__name__})"
@@ -96,6 +111,38 @@ class ShardedCache(Cache, RankLocal):
 # Cache's own methods read its layers; a ShardedCache has none, so they go to rank 0's cache.
 _DELEGATED_TO_RANK0 = {name for name, _ in inspect.getmembers(Cache)
                        if not name.startswith("__") and name not in ShardedCache._broadcast}
+
+
+def _cache_parts(cache: Cache) -> list[Any]:
+    """A cache, its nested caches (encoder-decoder) and all their layers."""
+    parts = [cache]
+    for name in ("self_attention_cache", "cross_attention_cache"):
+        inner = getattr(cache, name, None)
+        if isinstance(inner, Cache):
+            parts += [inner]
+    return parts + _cache_layers(cache)
+
+
+def _is_plain(value: Any) -> bool:
+    """Python state a replay cannot update: numbers, flags, strings, and dicts/tuples of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value) and not any(isinstance(v, (list, dict)) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _plain_state(holder: Any) -> tuple:
+    """A hashable fingerprint of ``holder``'s plain Python attributes."""
+    def frozen(value: Any) -> Hashable:
+        if isinstance(value, dict):
+            return tuple(sorted(((k, frozen(v)) for k, v in value.items()), key=repr))
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+    return tuple(sorted((k, frozen(v)) for k, v in vars(holder).items() if _is_plain(v)))
 
 
 def _cache_layers(cache: Cache) -> list[Any]:
@@ -191,9 +238,6 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         self.register_load_state_dict_pre_hook(_cut_full_tensors)  # original keys load, cut per rank
         self._static_cache: ShardedCache | None = None  # the ranks' last static KV caches, reused
         self._adopt_generation_hooks(module)
-        if options.get("cuda_graphs") and getattr(self, "generation_config", None) is not None \
-                and self.generation_config.cache_implementation is None:
-            self.generation_config.cache_implementation = "static"  # fixed addresses: decode steps replay
         self._adopt_signature(module)
         if tied_embeddings(module):
             self._tie_shards()
@@ -316,15 +360,17 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         if cache.get_seq_length() != 0:
             raise ValueError("this KV cache already holds tokens computed outside the split model; pass "
                              "the cache the split model returned (outputs.past_key_values), or a new one")
-        if not cache.is_compileable:
+        if not cache.is_compileable or self.wrapped_model._graphs is None:
             return ShardedCache([_fresh_copy(cache) for _ in self.wrapped_model.module_shards])
-        # generate() makes a new, empty static cache per call: the ranks reuse their last one when
-        # it has the same layout (reset), which keeps the tensors' addresses, and the CUDA graphs
-        # of cuda_graphs=True captured on them, valid from one generate() to the next
+        # With cuda_graphs=True: generate() makes a new, empty static cache per call; the ranks
+        # reuse their last one when it has the same layout (reset), which keeps the tensors'
+        # addresses, and the graphs captured on them, valid from one generate() to the next
         previous = self._static_cache
         if previous is not None and _same_static_layout(previous.caches[0], cache, batch_size):
             previous.reset()
             return previous
+        if previous is not None:
+            self.reset_cuda_graphs()  # they hold the old caches: free them
         self._static_cache = ShardedCache([_fresh_copy(cache) for _ in self.module_shards])
         return self._static_cache
 
@@ -372,6 +418,17 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         """Forget the captured calls of ``cuda_graphs=True`` (see
         :meth:`TensorParallel.reset_cuda_graphs`)."""
         self.wrapped_model.reset_cuda_graphs()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``; with ``cuda_graphs=True`` and no cache chosen, a static
+        KV cache (fixed addresses, so the decode steps replay as CUDA graphs). The cache it
+        returns stays valid until the next ``generate()``, which reuses the ranks' caches."""
+        config = kwargs.get("generation_config") or self.generation_config
+        if self.wrapped_model._graphs is not None and "cache_implementation" not in kwargs \
+                and getattr(config, "cache_implementation", None) is None \
+                and not any(name in kwargs for name in _CACHE_NAMES):
+            kwargs["cache_implementation"] = "static"
+        return super().generate(*args, **kwargs)
 
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config: Any) -> bool:
         """Never compile the split model in generate(): dynamo cannot trace into the ranks'
