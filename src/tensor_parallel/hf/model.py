@@ -78,7 +78,15 @@ class ShardedCache(Cache, RankLocal):
         static (a ``StaticCache``, allocated), and the caches' Python state (an encoder-decoder
         cache's ``is_updated``, a sliding window's position counter), which a replay cannot
         change: a call whose Python state differs is another signature. ``None`` (no replays)
-        for a growing cache."""
+        for a growing cache.
+
+        Example::
+
+            >>> from transformers import DynamicCache
+            >>> from tensor_parallel.hf import ShardedCache
+            >>> ShardedCache([DynamicCache(), DynamicCache()]).graph_key() is None
+            True
+        """
         if not self.caches[0].is_compileable:
             return None
         parts = []
@@ -95,7 +103,17 @@ class ShardedCache(Cache, RankLocal):
 
     def snapshot(self) -> Callable[[], None]:
         """A function restoring every rank cache's Python state as it is now (used when a
-        capture fails after the forward ran its Python side: the call then runs eagerly)."""
+        capture fails after the forward ran its Python side: the call then runs eagerly).
+
+        Example::
+
+            >>> from transformers import DynamicCache
+            >>> from tensor_parallel.hf import ShardedCache
+            >>> cache = ShardedCache([DynamicCache(), DynamicCache()])
+            >>> restore = cache.snapshot(); cache.caches[1].offloading = "changed"; restore()
+            >>> cache.caches[1].offloading
+            False
+        """
         saved = [(holder, {k: copy.copy(v) for k, v in vars(holder).items() if _is_plain(v)})
                  for cache in self.caches for holder in _cache_parts(cache)]
 
@@ -416,13 +434,31 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def reset_cuda_graphs(self) -> None:
         """Forget the captured calls of ``cuda_graphs=True`` (see
-        :meth:`TensorParallel.reset_cuda_graphs`)."""
+        :meth:`TensorParallel.reset_cuda_graphs`).
+
+        Example::
+
+            >>> import transformers, tensor_parallel as tp
+            >>> config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)
+            >>> tp.tensor_parallel(transformers.GPT2LMHeadModel(config), ["cpu", "cpu"]).reset_cuda_graphs()
+        """
         self.wrapped_model.reset_cuda_graphs()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``GenerationMixin.generate``; with ``cuda_graphs=True`` and no cache chosen, a static
         KV cache (fixed addresses, so the decode steps replay as CUDA graphs). The cache it
-        returns stays valid until the next ``generate()``, which reuses the ranks' caches."""
+        returns stays valid until the next ``generate()``, which reuses the ranks' caches.
+
+        Example::
+
+            >>> import torch, transformers, tensor_parallel as tp
+            >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+            ...     num_hidden_layers=1, num_attention_heads=4)
+            >>> model = transformers.LlamaForCausalLM(config).eval()
+            >>> split = tp.tensor_parallel(model, ["cpu", "cpu"])  # on GPUs: cuda_graphs=True
+            >>> split.generate(torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=False).shape
+            torch.Size([1, 5])
+        """
         config = kwargs.get("generation_config") or self.generation_config
         if self.wrapped_model._graphs is not None and "cache_implementation" not in kwargs \
                 and getattr(config, "cache_implementation", None) is None \
