@@ -403,13 +403,25 @@ class ThreadCommunicator(Communicator):
 # of a split layer (enter_parallel) sums the ranks' partial gradients.
 
 
+def _dist_all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group in place: through shared memory for CPU ranks of one host, else
+    torch.distributed (see :mod:`tensor_parallel.shm`)."""
+    from .shm import all_reduce_, shared_memory_group
+
+    return all_reduce_(shared_memory_group(group) if tensor.device.type == "cpu" else None, tensor, group)
+
+
+def _dist_all_gather(pieces: list[torch.Tensor], tensor: torch.Tensor, group) -> None:
+    from .shm import all_gather_pieces, shared_memory_group
+
+    all_gather_pieces(shared_memory_group(group) if tensor.device.type == "cpu" else None, pieces, tensor, group)
+
+
 class _DistAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group):
         record_collective("all_reduce", tensor.shape, tensor.dtype)
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return _dist_all_reduce_(tensor.clone(), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -425,9 +437,7 @@ class _DistEnterParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         record_collective("all_reduce", grad.shape, grad.dtype)
-        out = grad.clone()
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
+        return _dist_all_reduce_(grad.clone(), ctx.group), None
 
 
 class _DistAllGather(torch.autograd.Function):
@@ -444,7 +454,7 @@ class _DistAllGather(torch.autograd.Function):
             pad_shape[dim] = widest - tensor.shape[dim]
             padded = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
         pieces = [torch.empty_like(padded.contiguous()) for _ in sizes]
-        dist.all_gather(pieces, padded.contiguous(), group=group)
+        _dist_all_gather(pieces, padded.contiguous(), group)
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes)], dim)
 
     @staticmethod
@@ -485,5 +495,4 @@ class DistributedCommunicator(Communicator):
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A plain (not differentiable) sum over the group, in place; for gradient hooks."""
         record_collective("all_reduce", tensor.shape, tensor.dtype)
-        dist.all_reduce(tensor, group=self.group)
-        return tensor
+        return _dist_all_reduce_(tensor, self.group)
