@@ -15,7 +15,6 @@ from tensor_parallel.shm import SLOT_BYTES, shared_memory_group
 def collectives_match_gloo(rank: int, world_size: int):
     transport = shared_memory_group(dist.group.WORLD)
     assert transport is not None
-    leftovers = [name for name in os.listdir("/dev/shm") if name.startswith("tensor_parallel-")]
     generator = torch.Generator().manual_seed(rank)
     worst = 0.0
     for step in range(60):  # many in a row: the two slot sets alternate
@@ -30,6 +29,8 @@ def collectives_match_gloo(rank: int, world_size: int):
         pieces = [torch.empty_like(x) for _ in range(world_size)]
         dist.all_gather(pieces, x)
         assert all(torch.equal(a, b) for a, b in zip(pieces, transport.all_gather(x)))
+    # after a collective every rank knows rank 0 has passed the point where it unlinks the file
+    leftovers = [name for name in os.listdir("/dev/shm") if name.startswith("tensor_parallel-")]
     big = torch.ones(SLOT_BYTES // 4 + 1)
     assert not transport.fits(big)
     return {"leftovers": leftovers, "worst": worst, "sequence": transport.sequence}
