@@ -23,6 +23,16 @@ def test_collectives_equal_gloo(world_size):
         assert result["worst"] == 0.0 if world_size == 2 else result["worst"] <= 2 ** -5, result
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_back_to_back_exact(world_size):
+    assert set(_ok(run_ranks(shm_cases.back_to_back, world_size)).values()) == {302}
+
+
+def test_sub_groups_exact():
+    """Data parallel x tensor parallel: groups {1, 3} and {0, 2}, so a group's rank 0 is not global rank 0."""
+    assert set(_ok(run_ranks(shm_cases.back_to_back, 4, [[1, 3], [0, 2]])).values()) == {302}
+
+
 def test_switched_off(monkeypatch):
     monkeypatch.setenv("TENSOR_PARALLEL_SHM", "0")
     assert _ok(run_ranks(shm_cases.switched_off, 2)) == {0: None, 1: None}
