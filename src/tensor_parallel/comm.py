@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from .shm import all_gather_pieces, all_reduce_, shared_memory_group
+
 __all__ = [
     "CollectiveError",
     "CollectiveStats",
@@ -406,14 +408,10 @@ class ThreadCommunicator(Communicator):
 def _dist_all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group in place: through shared memory for CPU ranks of one host, else
     torch.distributed (see :mod:`tensor_parallel.shm`)."""
-    from .shm import all_reduce_, shared_memory_group
-
     return all_reduce_(shared_memory_group(group) if tensor.device.type == "cpu" else None, tensor, group)
 
 
 def _dist_all_gather(pieces: list[torch.Tensor], tensor: torch.Tensor, group) -> None:
-    from .shm import all_gather_pieces, shared_memory_group
-
     all_gather_pieces(shared_memory_group(group) if tensor.device.type == "cpu" else None, pieces, tensor, group)
 
 
