@@ -102,7 +102,6 @@ def test_same_static_layout():
 def test_growing_cache_has_no_graph_key():
     from transformers import DynamicCache
 
-    assert tp.TensorParallelPreTrainedModel  # noqa: the hf integration is importable
     from tensor_parallel.hf import ShardedCache
 
     assert ShardedCache([DynamicCache(), DynamicCache()]).graph_key() is None
@@ -129,11 +128,16 @@ def test_mlp_replays_equal_eager(n):
     assert graphed._graphs.replays == 3
 
 
+def _graphed_mlp(width: int = 16, hidden: int = 40):
+    """A seeded MLP on the GPU and its 2-rank split with cuda_graphs=True."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)).to(DEV)
+    return mlp, tp.tensor_parallel(copy.deepcopy(mlp), [DEV, DEV], cuda_graphs=True)
+
+
 @needs_cuda
 def test_gradients_run_eagerly():
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).to(DEV)
-    graphed = tp.tensor_parallel(copy.deepcopy(mlp), [DEV, DEV], cuda_graphs=True)
+    _, graphed = _graphed_mlp(8, 16)
     x = torch.randn(2, 8, device=DEV)
     for _ in range(3):
         graphed(x).sum().backward()
@@ -228,9 +232,7 @@ def test_outputs_holding_new_objects_are_not_replayed(caplog):
 
 @needs_cuda
 def test_moved_weights_and_resets_capture_again():
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16)).to(DEV)
-    graphed = tp.tensor_parallel(copy.deepcopy(mlp), [DEV, DEV], cuda_graphs=True)
+    mlp, graphed = _graphed_mlp()
     x = torch.randn(4, 16, device=DEV)
     # float32 products of 16 and 40 terms summed in another order than the unsharded model
     close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-5)

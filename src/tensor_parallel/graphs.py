@@ -372,7 +372,7 @@ class GraphedCalls:
         return [pytree.tree_map(_fresh, program.output) for program in entry.programs]
 
     def _replay_rank(self, program: _RankProgram) -> None:
-        rank, stream = program.rank, self.streams.rank[program.rank]
+        rank, stream = program.rank, program.stream
         with torch.cuda.stream(stream):
             for index, graph in enumerate(program.graphs):
                 graph.replay()

@@ -136,9 +136,9 @@ class SharedMemoryGroup:
             piece.copy_(slot)
 
     def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        from .comm import CollectiveError
-
         if self.broken is not None:
+            from .comm import CollectiveError  # comm imports this module
+
             raise CollectiveError("an earlier shared-memory collective of this group failed; the ranks "
                                   "are out of step") from self.broken
         try:

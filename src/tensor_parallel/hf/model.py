@@ -527,10 +527,12 @@ def _pad_mask_to_cache(kwargs: dict, cache: Any) -> None:
     so every decode step has the same input shapes (one captured graph serves them all)."""
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not isinstance(cache, ShardedCache) \
-            or cache.graph_key() is None:
+            or not cache.caches[0].is_compileable:
         return
-    length = max((getattr(layer, "max_cache_len", 0) or 0 for layer in getattr(cache.caches[0], "layers", [])),
-                 default=0)
+    layers = getattr(cache.caches[0], "layers", None) or []  # the self-attention layers the mask is for
+    if not all(getattr(layer, "is_initialized", True) for layer in layers):
+        return  # prefill: the first call with this cache, never replayed
+    length = max((getattr(layer, "max_cache_len", 0) or 0 for layer in layers), default=0)
     if mask.shape[-1] < length:
         kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]))
 
