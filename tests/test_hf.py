@@ -132,7 +132,8 @@ def test_cache_continues_across_calls():
     ids = _ids(batch=1, length=6)
     with torch.no_grad():
         first = split(ids[:, :4], use_cache=True)
-        second = split(ids[:, 4:], cache=first.cache, use_cache=True)
+        name = "cache" if "cache" in first else "past_key_values"  # renamed after transformers 5.17
+        second = split(ids[:, 4:], **{name: first[name]}, use_cache=True)
         full = model(ids).logits
     assert_close(second.logits, full[:, 4:], "logits computed from the cache")
 

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import types
 from typing import Any, Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
@@ -183,6 +184,11 @@ def _to_cache_device(value: Any, cache: Cache) -> Any:
     return value
 
 
+# GenerationMixin's encoder step (renamed after transformers 5.17); a model class may override it
+_ENCODER_PREPARATION = ("_prepare_encoder_decoder_kwargs_for_generation",
+                        "_prepare_text_encoder_decoder_kwargs_for_generation")
+
+
 class _ParallelEncoder(nn.Module):
     """The encoder of every shard, run together (what ``generate`` calls for encoder-decoders)."""
 
@@ -316,11 +322,14 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
         self.loss_type = getattr(module, "loss_type", None)  # Trainer counts shifted labels by it
         for name in ("prepare_inputs_for_generation", "_validate_model_kwargs", "can_generate",
                      "_supports_default_dynamic_cache", "_is_stateful", "_reorder_cache",
-                     "_supports_logits_to_keep", "_prepare_encoder_decoder_kwargs_for_generation"):
-            if name == "_reorder_cache" and not hasattr(first, name):
-                continue
+                     "_supports_logits_to_keep"):
             if hasattr(first, name):
                 object.__setattr__(self, name, getattr(first, name))
+        for name in _ENCODER_PREPARATION:
+            # these call self.get_encoder(): bound to this model, so every shard's encoder runs
+            own = getattr(type(first), name, None)
+            if own is not None and own is not getattr(GenerationMixin, name, None):
+                object.__setattr__(self, name, types.MethodType(own, self))
 
     def named_parameters(self, *args: Any, **kwargs: Any):
         self.wrapped_model.adopt_adapters()  # peft lists them right after adding adapters to the shards

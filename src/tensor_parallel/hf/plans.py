@@ -218,7 +218,9 @@ def _gptj(module: nn.Module) -> Plan:
     heads = config.n_head
     plan = _embedding_and_head(module, f"{base}wte")
     plan.update({
-        f"{base}h.*.attn": AttentionParallel(num_heads=heads, head_dim=config.n_embd // heads, o="out_proj"),
+        f"{base}h.*.attn": AttentionParallel(
+            num_heads=heads, head_dim=config.n_embd // heads, o="out_proj",
+            attributes=(("num_attention_heads", "heads"),)),  # read by transformers <= 5.17
         f"{base}h.*.mlp.fc_in": ColwiseParallel(),
         f"{base}h.*.mlp.fc_out": RowwiseParallel(),
     })
