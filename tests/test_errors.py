@@ -216,3 +216,18 @@ def test_creating_and_deleting_models_does_not_leak():
     # each model holds 2 MB of weights and gradients: 20 leaked models would add 40+ MB
     assert rss() - before < 16 * 2**20
     assert len([t for t in threading.enumerate() if t.name.startswith("tensor_parallel-rank")]) < 4
+
+
+def test_too_old_transformers_is_refused_at_import_with_the_version_to_install():
+    import pathlib
+    import re
+
+    from tensor_parallel.hf import OLDEST_TRANSFORMERS, _check_transformers_version
+
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    bounds = set(re.findall(r'"transformers>=([0-9.]+)"', pyproject))
+    assert bounds == {".".join(map(str, OLDEST_TRANSFORMERS))}  # the bound CI tests is the one enforced
+    with pytest.raises(ImportError, match=r"needs transformers>=5\.10, found 5\.9\.1; upgrade it"):
+        _check_transformers_version("5.9.1")
+    for version in ("5.10.4", "5.24.0", "6.0.0.dev0", "10.1"):
+        _check_transformers_version(version)

@@ -3,10 +3,26 @@
 The core package never imports this folder unless it is given a transformers model.
 """
 
-from .model import ShardedCache, TensorParallelPreTrainedModel
-from .convert import merge_checkpoint, save_unsharded, shard_checkpoint
-from .loading import from_pretrained
-from .plans import plan_for_pretrained, translate_tp_plan
+import transformers
+
+#: the oldest transformers release the tests run on (pyproject's lower bound; CI checks it)
+OLDEST_TRANSFORMERS = (5, 10)
+
+
+def _check_transformers_version(version: str) -> None:
+    found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if found < OLDEST_TRANSFORMERS:
+        oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+        raise ImportError(f"tensor_parallel's transformers integration needs transformers>={oldest}, "
+                          f"found {version}; upgrade it: pip install -U 'transformers>={oldest}'")
+
+
+_check_transformers_version(transformers.__version__)
+
+from .model import ShardedCache, TensorParallelPreTrainedModel  # noqa: E402
+from .convert import merge_checkpoint, save_unsharded, shard_checkpoint  # noqa: E402
+from .loading import from_pretrained  # noqa: E402
+from .plans import plan_for_pretrained, translate_tp_plan  # noqa: E402
 
 __all__ = ["TensorParallelPreTrainedModel", "ShardedCache", "plan_for_pretrained", "translate_tp_plan",
            "from_pretrained", "shard_checkpoint", "merge_checkpoint", "save_unsharded"]

@@ -565,9 +565,12 @@ def _same_static_layout(old: Cache, new: Cache, batch_size: int | None) -> bool:
     for before, now in zip(old_layers, new_layers):
         if type(before) is not type(now):
             return False
-        for name in ("max_cache_len", "sliding_window", "max_batch_size"):
+        for name in ("max_cache_len", "sliding_window"):
             if getattr(before, name, None) != getattr(now, name, None):
                 return False
+        wanted = getattr(now, "max_batch_size", None)  # set only when allocated before transformers 5.1x
+        if wanted is not None and getattr(before, "max_batch_size", None) != wanted:
+            return False
         keys = getattr(before, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
             return False
