@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: name -> the module's arguments
 BENCHMARKS = {"speed": ["benchmarks.speed"], "multiprocess": ["benchmarks.multiprocess"],
               "loading": ["benchmarks.loading"], "sharding": ["benchmarks.sharding"],
-              "coverage": ["benchmarks.coverage"],
+              "coverage": ["benchmarks.coverage"], "gpu": ["benchmarks.gpu"],
               "coverage-generic": ["benchmarks.coverage", "--plans", "generic"]}
 
 # The original library's last working stack (shared/notes/anchors.md), in a venv of its own,

@@ -2,17 +2,15 @@
 
 Prints, for 2 and 3 ranks on ``cuda:0``: the largest logits and gradient differences from the
 unsharded model on the same GPU (MLP, llama, gpt2, nanoGPT with the automatic plan), whether
-greedy generation gives the same tokens, the collectives of one forward; then the time of a
-forward (128 tokens) and of greedy decode (32 tokens) of a 170M llama in float32 and bf16,
-unsharded and split over 2 ranks on the one GPU (what one interpreter launching every
-rank's kernels costs). Run from the repository root: ``PYTHONPATH=src python scripts/gpu_check.py``.
+greedy generation gives the same tokens, the collectives of one forward. Speed is the GPU
+benchmark's: ``python -m benchmarks.run gpu``. Run from the repository root:
+``PYTHONPATH=src python scripts/gpu_check.py [cuda:0]``.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-import time
 
 import torch
 import transformers
@@ -77,57 +75,6 @@ def check_correctness() -> None:
               f"attention split {isinstance(split.plan['h.0.attn'], tp.AttentionParallel)} collectives {dict(stats.calls)}")
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def check_speed() -> None:
-    """Rows: the unsharded model (its default growing cache, then a static cache), 2 ranks on
-    the one GPU eagerly, the same with cuda_graphs=True, and 1 rank with cuda_graphs=True (the
-    unsharded model's kernels, replayed: what graphs alone give)."""
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 32000, (1, 128), device=DEV)
-    for dtype in (torch.float32, torch.bfloat16):
-        model = copy.deepcopy(base).to(DEV, dtype)
-        rows = [("unsharded", model, None),
-                ("unsharded, static cache (generate compiles it)", model, "static"),
-                ("2 ranks, one process", tp.tensor_parallel(copy.deepcopy(model), [DEV, DEV]), None),
-                ("2 ranks, one process, cuda_graphs", tp.tensor_parallel(copy.deepcopy(model), [DEV, DEV],
-                                                                         cuda_graphs=True), None),
-                ("1 rank, cuda_graphs", tp.tensor_parallel(copy.deepcopy(model), [DEV], cuda_graphs=True), None)]
-        tokens = {}
-        for label, m, cache in rows:
-            options = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
-            if cache is not None:  # else the model's own choice (static with cuda_graphs=True)
-                options["cache_implementation"] = cache
-            with torch.no_grad():
-                forward = timed(lambda: m(ids, use_cache=False))  # a cache made by the forward is never replayed
-                decode = timed(lambda: m.generate(ids[:, :8], **options), 3)
-                tokens[label] = m.generate(ids[:, :8], **options)
-            graphs = getattr(getattr(m, "wrapped_model", None), "_graphs", None)
-            replays = f", {graphs.replays} replays" if graphs is not None else ""
-            same = torch.equal(tokens[label], tokens["unsharded"])
-            print(f"speed {str(dtype)[6:]} {label}: forward 128 tok {forward * 1e3:.1f} ms, "
-                  f"decode 32 tok {decode * 1e3:.0f} ms ({decode / 32 * 1e3:.2f} ms/token){replays}, "
-                  f"tokens = unsharded's: {same}")
-        del rows, model
-
-
 if __name__ == "__main__":
     print("torch", torch.__version__, "transformers", transformers.__version__, DEV)
-    parts = sys.argv[2:] or ["correctness", "speed"]
-    if "correctness" in parts:
-        check_correctness()
-    if DEV.startswith("cuda") and "speed" in parts:
-        check_speed()
+    check_correctness()

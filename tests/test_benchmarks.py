@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+import torch
+
 from benchmarks.common import chart, machine, machine_tag, tables, write_report
 
 REPORT = """# Speed, a test
@@ -48,3 +51,29 @@ def test_no_chart_without_a_numeric_table(tmp_path):
     assert not os.path.exists(tmp_path / "c.png")
     assert not chart(REPORT, str(tmp_path / "d.png"), columns=("memory",))  # no such column
     assert chart(REPORT, str(tmp_path / "e.png"), columns=("ratio",))
+
+
+def test_gpu_report_gives_medians_and_paired_ratios():
+    from benchmarks import gpu
+
+    times = {gpu.ROWS[0]: (0.010, 0.320), gpu.ROWS[1]: (0.010, 0.064), gpu.ROWS[2]: (0.020, 0.640),
+             gpu.ROWS[3]: (0.005, 0.160), gpu.ROWS[4]: (0.004, 0.096)}
+    samples = {label: {"forward": [f, f * 2, f], "decode": [d, d * 2, d]} for label, (f, d) in times.items()}
+    result = {"samples": samples, "same_tokens": dict.fromkeys(gpu.ROWS, True),
+              "replays": {label: (160 if "cuda_graphs" in label else None) for label in gpu.ROWS}}
+    text = gpu.report({"float32": result}, {"date": "2026-11-26", "devices": ["cuda:0", "cuda:0"], "rounds": 3},
+                      "python -m benchmarks.run gpu")
+    (table,) = tables(text)
+    rows = {row[0]: row for row in table["rows"]}
+    assert rows["tensor_parallel, 2 ranks, cuda_graphs"][1:] == ["5.00", "5.00", "2.00", "2.00", "True", "160"]
+    assert rows["unsharded"][3:5] == ["1.00", "1.00"] and rows["tensor_parallel, 2 ranks"][6] == ""
+    assert "one GPU: the ranks are threads on it" in text
+    assert "**4.00x** as fast as eager and **2.00x** the unsharded" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
+def test_gpu_benchmark_without_cuda_writes_nothing(tmp_path):
+    from benchmarks import gpu
+
+    assert gpu.main(["--results", str(tmp_path)]) == 0
+    assert os.listdir(tmp_path) == []
