@@ -255,3 +255,29 @@ def test_replicated_kv_heads_on_distinct_devices_get_exact_gradients():
     expected.loss.backward()
     actual.loss.backward()
     assert_gradients_match(split.wrapped_model, model)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_models_own_encoder_step_runs_on_every_shard(n):
+    """Multimodal encoder-decoders override generate()'s encoder step (Florence2 merges image
+    features there, calling super()); it must run on every shard together, each with its own
+    encoder, or rank 0's encoder waits alone for the others' collectives."""
+    from transformers import GenerationMixin
+
+    hook = next(name for name in ("_maybe_prepare_encoder_kwargs_for_generation",  # transformers >= 5.18
+                                  "_prepare_encoder_decoder_kwargs_for_generation") if hasattr(GenerationMixin, name))
+    ran = []
+
+    def own_step(self, *args, **kwargs):
+        ran.append(self)
+        return getattr(super(type(self), self), hook)(*args, **kwargs)
+
+    model = build("t5")
+    model.__class__ = type("T5WithOwnEncoderStep", (type(model),), {hook: own_step})
+    split = _split(model, n)
+    ids = _ids(batch=1, length=5)
+    with torch.no_grad():
+        actual = split.generate(ids, max_new_tokens=6, do_sample=False)
+        assert sorted(map(id, ran)) == sorted(map(id, split.module_shards))  # once per shard, by itself
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(actual, expected)

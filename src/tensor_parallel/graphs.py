@@ -239,6 +239,7 @@ class GraphedCalls:
         self.streams = _Streams(self.devices)
         self.captured: collections.OrderedDict[Hashable, _Captured | str] = collections.OrderedDict()
         self.replays = 0  # calls served by replaying graphs (tests and benchmarks read it)
+        self.captures = 0  # signatures captured (a benchmark checks none happens while it times)
 
     # -- signatures -------------------------------------------------------------------------
 
@@ -343,6 +344,7 @@ class GraphedCalls:
         entry = _Captured(static, programs, keep=[args, kwargs],
                           weights=[(t, t.data_ptr()) for t in self.tensors()])
         self._remember(key, entry)
+        self.captures += 1
         return entry
 
     def _capturing(self, program: _RankProgram, call: Callable[[], Any]) -> Callable[[], Any]:

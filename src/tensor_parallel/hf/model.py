@@ -8,7 +8,6 @@ import inspect
 import json
 import logging
 import os
-import types
 from typing import Any, Callable, Collection, Hashable, Mapping, Sequence
 
 import torch
@@ -184,8 +183,9 @@ def _to_cache_device(value: Any, cache: Cache) -> Any:
     return value
 
 
-# GenerationMixin's encoder step (renamed after transformers 5.17); a model class may override it
+# GenerationMixin's encoder step, under its names up to 5.17 and after; a model may override it
 _ENCODER_PREPARATION = ("_prepare_encoder_decoder_kwargs_for_generation",
+                        "_maybe_prepare_encoder_kwargs_for_generation",
                         "_prepare_text_encoder_decoder_kwargs_for_generation")
 
 
@@ -204,6 +204,10 @@ class _ParallelEncoder(nn.Module):
             return wrapped.forward_output(outputs[0])
 
         object.__setattr__(self, "forward", run)
+
+
+def _call_method(shard: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
+    return getattr(shard, name)(*args, **kwargs)
 
 
 def _call_encoder(shard: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -326,10 +330,16 @@ class TensorParallelPreTrainedModel(PreTrainedModel, GenerationMixin):
             if hasattr(first, name):
                 object.__setattr__(self, name, getattr(first, name))
         for name in _ENCODER_PREPARATION:
-            # these call self.get_encoder(): bound to this model, so every shard's encoder runs
+            # A model's own encoder step (multimodal ones merge image features there) runs on
+            # every shard at once, each with its own encoder and towers; GenerationMixin's runs
+            # here and calls get_encoder(), which runs every shard's encoder.
             own = getattr(type(first), name, None)
             if own is not None and own is not getattr(GenerationMixin, name, None):
-                object.__setattr__(self, name, types.MethodType(own, self))
+                object.__setattr__(self, name, functools.partial(self._on_every_shard, name))
+
+    def _on_every_shard(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Shard method ``name`` called on every rank together; rank 0's result."""
+        return self.wrapped_model.forward_output(self.wrapped_model.run_shards(_call_method, name, *args, **kwargs)[0])
 
     def named_parameters(self, *args: Any, **kwargs: Any):
         self.wrapped_model.adopt_adapters()  # peft lists them right after adding adapters to the shards
