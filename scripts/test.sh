@@ -16,7 +16,7 @@ python3 - "$venv" <<'PY'
 import pathlib, site, sys, sysconfig
 outer = [p for p in site.getsitepackages() if pathlib.Path(p).is_dir()]
 inner = pathlib.Path(sys.argv[1]) / pathlib.Path(sysconfig.get_path("purelib")).relative_to(sys.prefix)
-(inner / "_outer_packages.pth").write_text(f"import site; [site.addsitedir(p) for p in {outer!r}]\n")
+(inner / "_outer_packages.pth").write_text(f"import site; list(map(site.addsitedir, {outer!r}))\n")
 PY
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "transformers==$oldest.*"
 echo "oldest supported transformers: $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
