@@ -91,21 +91,29 @@ def measure(dtype_name: str, devices: list[str], rounds: int) -> dict[str, Any]:
     ids = torch.randint(3, SPEED_MODEL["vocab_size"], (1, TOKENS), device=devices[0])
     rows = _contenders(base, getattr(torch, dtype_name), devices)
     timers = {label: _timer(model, cache, ids) for label, (model, cache) in rows.items()}
-    for timer in timers.values():
-        for _ in range(2):
-            timer("forward"), timer("decode")
+    failed = {}
+    for label, timer in list(timers.items()):
+        try:
+            for _ in range(2):
+                timer("forward"), timer("decode")
+        except Exception as error:  # torch.compile without a working compiler, say: the row says why
+            if label == ROWS[0]:
+                raise
+            logger.error("%s %s failed: %s", dtype_name, label, error)
+            failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            del timers[label], rows[label]
     captures_before = _captures(rows)
     samples: dict[str, dict[str, list[float]]] = {label: {"forward": [], "decode": []} for label in rows}
     for index in range(rounds):
-        order = list(ROWS[index % len(ROWS):] + ROWS[:index % len(ROWS)])
-        for label in order:
-            for what in ("forward", "decode"):
+        for label in ROWS[index % len(ROWS):] + ROWS[:index % len(ROWS)]:
+            for what in ("forward", "decode") if label in timers else ():
                 samples[label][what].append(timers[label](what))
     captures = {label: after - before for (label, after), before in zip(_captures(rows).items(), captures_before.values())}
     reference = timers[ROWS[0]].tokens()
     same = {label: bool(torch.equal(timers[label].tokens(), reference)) for label in rows}
     replays = {label: getattr(_graphs(model), "replays", None) for label, (model, _) in rows.items()}
-    return {"samples": samples, "same_tokens": same, "replays": replays, "captures_while_timed": captures}
+    return {"samples": samples, "same_tokens": same, "replays": replays, "captures_while_timed": captures,
+            "failed": failed}
 
 
 def _graphs(model):
@@ -138,6 +146,9 @@ def report(results: dict[str, Any], facts: dict[str, Any], command: str) -> str:
                   "unsharded / this: decode | tokens = unsharded's | replays |",
                   "|---|---|---|---|---|---|---|"]
         for label in ROWS:
+            if label not in samples:
+                lines.append(f"| {label} | failed: {result.get('failed', {}).get(label, '')} | | | | | |")
+                continue
             forward = statistics.median(samples[label]["forward"]) * 1e3
             decode = statistics.median(samples[label]["decode"]) / NEW_TOKENS * 1e3
             replays = result["replays"][label]
@@ -145,6 +156,8 @@ def report(results: dict[str, Any], facts: dict[str, Any], command: str) -> str:
                          f"{statistics.median(_ratios(samples, label, 'forward')):.2f} | "
                          f"{statistics.median(_ratios(samples, label, 'decode')):.2f} | "
                          f"{result['same_tokens'][label]} | {'' if replays is None else replays} |")
+        if ROWS[2] not in samples or ROWS[3] not in samples:
+            continue
         eager = statistics.median(e / g for e, g in zip(samples[ROWS[2]]["decode"], samples[ROWS[3]]["decode"]))
         graphs = statistics.median(_ratios(samples, ROWS[3], "decode"))
         lines += ["", f"With `cuda_graphs=True`, the 2-rank decode is **{eager:.2f}x** as fast as eager "

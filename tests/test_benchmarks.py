@@ -69,6 +69,14 @@ def test_gpu_report_gives_medians_and_paired_ratios():
     assert rows["unsharded"][3:5] == ["1.00", "1.00"] and rows["tensor_parallel, 2 ranks"][6] == ""
     assert "one GPU: the ranks are threads on it" in text
     assert "**4.00x** as fast as eager and **2.00x** the unsharded" in text
+    # a row that failed (torch.compile without a compiler, say) says why; the rest still report
+    del samples[gpu.ROWS[1]]
+    result.update(failed={gpu.ROWS[1]: "BackendCompilerFailed: no compiler"}, captures_while_timed={gpu.ROWS[3]: 1})
+    text = gpu.report({"float32": result}, {"date": "2026-11-26", "devices": ["cuda:0", "cuda:1"], "rounds": 3}, "x")
+    rows = {row[0]: row for row in tables(text)[0]["rows"]}
+    assert rows[gpu.ROWS[1]][1] == "failed: BackendCompilerFailed: no compiler"
+    assert rows[gpu.ROWS[3]][4] == "2.00" and "one GPU" not in text
+    assert "Captures while timing (first-call costs inside the timed rounds): {'tensor_parallel, 2 ranks, cuda_graphs': 1}" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
