@@ -29,6 +29,7 @@ from benchmarks.common import RESULTS, write_report
 
 logger = logging.getLogger("benchmarks.gpu")
 ROUNDS = 5
+MAX_WARM_UPS = 4
 TOKENS, PROMPT, NEW_TOKENS = 128, 8, 32
 ROWS = ("unsharded", "unsharded, static cache (compiled)", "tensor_parallel, 2 ranks",
         "tensor_parallel, 2 ranks, cuda_graphs", "tensor_parallel, 1 rank, cuda_graphs")
@@ -79,8 +80,8 @@ def _timer(model, cache: str | None, ids) -> Callable[[str], float]:
 
 
 def measure(dtype_name: str, devices: list[str], rounds: int) -> dict[str, Any]:
-    """Times of every row in ``rounds`` rotating rounds, after two warm-up calls each (the second
-    captures the graphs), whether its greedy tokens equal the unsharded model's, and replays."""
+    """Times of every row in ``rounds`` rotating rounds, after warm-up calls (at least two, until
+    none captures graphs), whether its greedy tokens equal the unsharded model's, and replays."""
     import torch
     import transformers
 
@@ -91,17 +92,20 @@ def measure(dtype_name: str, devices: list[str], rounds: int) -> dict[str, Any]:
     ids = torch.randint(3, SPEED_MODEL["vocab_size"], (1, TOKENS), device=devices[0])
     rows = _contenders(base, getattr(torch, dtype_name), devices)
     timers = {label: _timer(model, cache, ids) for label, (model, cache) in rows.items()}
-    failed = {}
-    for label, timer in list(timers.items()):
-        try:
-            for _ in range(2):
+    failed: dict[str, str] = {}
+    for warm_up in range(MAX_WARM_UPS):  # until no call captures graphs any more (at least 2)
+        before = _captures(rows)
+        for label, timer in list(timers.items()):
+            try:
                 timer("forward"), timer("decode")
-        except Exception as error:  # torch.compile without a working compiler, say: the row says why
-            if label == ROWS[0]:
-                raise
-            logger.error("%s %s failed: %s", dtype_name, label, error)
-            failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-            del timers[label], rows[label]
+            except Exception as error:  # torch.compile without a working compiler, say: the row says why
+                if label == ROWS[0]:
+                    raise
+                logger.error("%s %s failed: %s", dtype_name, label, error)
+                failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                del timers[label], rows[label]
+        if warm_up >= 1 and _captures(rows) == before:
+            break
     captures_before = _captures(rows)
     samples: dict[str, dict[str, list[float]]] = {label: {"forward": [], "decode": []} for label in rows}
     for index in range(rounds):
