@@ -229,5 +229,7 @@ def test_too_old_transformers_is_refused_at_import_with_the_version_to_install()
     assert bounds == {".".join(map(str, OLDEST_TRANSFORMERS))}  # the bound CI tests is the one enforced
     with pytest.raises(ImportError, match=r"needs transformers>=5\.10, found 5\.9\.1; upgrade it"):
         _check_transformers_version("5.9.1")
-    for version in ("5.10.4", "5.24.0", "6.0.0.dev0", "10.1"):
+    with pytest.raises(ImportError, match=r"found 5\.9\.0rc1"):
+        _check_transformers_version("5.9.0rc1")
+    for version in ("5.10.4", "5.10rc1", "5.10.0.dev0", "5.24.0", "6.0.0.dev0", "10.1"):
         _check_transformers_version(version)

@@ -4,14 +4,14 @@ The core package never imports this folder unless it is given a transformers mod
 """
 
 import transformers
+from packaging.version import Version
 
 #: the oldest transformers release the tests run on (pyproject's lower bound; CI checks it)
 OLDEST_TRANSFORMERS = (5, 10)
 
 
 def _check_transformers_version(version: str) -> None:
-    found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-    if found < OLDEST_TRANSFORMERS:
+    if Version(version).release[:2] < OLDEST_TRANSFORMERS:  # pre-releases of 5.10 count as 5.10
         oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
         raise ImportError(f"tensor_parallel's transformers integration needs transformers>={oldest}, "
                           f"found {version}; upgrade it: pip install -U 'transformers>={oldest}'")
