@@ -187,6 +187,75 @@ def test_a_collective_wait_times_out_with_a_clear_error():
     assert model(torch.randn(2, 4)).shape == (2, 4)
 
 
+def _run_ranks(world_size, body):
+    """``body(rank, communicator)`` on ``world_size`` threads; every result or error, by rank."""
+    from tensor_parallel.comm import ThreadGroup
+
+    group = ThreadGroup(["cpu"] * world_size, timeout=10.0)
+    results = [None] * world_size
+
+    def run(rank):
+        try:
+            results[rank] = body(rank, group.communicator(rank))
+        except BaseException as error:  # kept for the assertions
+            results[rank] = error
+            group.abort(error)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a rank never returned"
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_thread_collectives_stay_in_step_under_a_long_run(world_size):
+    steps = 400
+
+    def body(rank, comm):
+        sums = []
+        for step in range(steps):  # ranks race: a rank may come back for step + 1 while others wait
+            if (step + rank) % 7 == 0:
+                time.sleep(0.0005)
+            sums.append(comm.all_reduce(torch.tensor([float(step * 10 + rank)])).item())
+            gathered = comm.all_gather(torch.tensor([float(rank)]), 0, [1] * world_size)
+            assert gathered.tolist() == list(range(world_size))
+        return sums
+
+    results = _run_ranks(world_size, body)
+    expected = [sum(step * 10 + r for r in range(world_size)) for step in range(steps)]
+    assert results == [expected] * world_size  # every rank got every step's own sum
+
+
+def test_ranks_calling_different_collectives_all_fail_naming_them():
+    def body(rank, comm):
+        if rank == 1:
+            return comm.all_gather(torch.ones(2), 0, [2, 2, 2])
+        return comm.all_reduce(torch.ones(2))
+
+    start = time.monotonic()
+    results = _run_ranks(3, body)
+    assert time.monotonic() - start < 5
+    assert all(isinstance(r, tp.CollectiveError) for r in results)
+    assert all("ranks called different collectives" in str(r) for r in results)
+
+
+def test_a_failing_rank_releases_the_ranks_already_waiting():
+    def body(rank, comm):
+        if rank == 2:
+            time.sleep(0.2)  # ranks 0 and 1 are waiting in the all-reduce by now
+            raise RuntimeError("rank 2 broke")
+        return comm.all_reduce(torch.ones(2))
+
+    start = time.monotonic()
+    results = _run_ranks(3, body)
+    assert time.monotonic() - start < 5
+    assert isinstance(results[2], RuntimeError)
+    for waiting in results[:2]:
+        assert isinstance(waiting, tp.CollectiveError) and "rank 2 broke" in str(waiting)
+
+
 def test_integer_weights_cannot_be_split_and_are_replicated_by_default():
     layer = nn.Linear(4, 4)
     layer.weight = nn.Parameter(layer.weight.data.to(torch.int8), requires_grad=False)

@@ -278,11 +278,16 @@ class ThreadGroup:
         self.devices = [torch.device(d) for d in devices]
         self.world_size = len(self.devices)
         self.timeout = timeout
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        # rank r's wake-up call: held while nobody has signalled r; a waiting rank blocks in
+        # acquire() (C code, without the GIL), the rank that completes a collective releases it
+        self._wake = [threading.Lock() for _ in self.devices]
+        for wake in self._wake:
+            wake.acquire()
+        self._waiting = [False] * self.world_size
         self._slots: list[torch.Tensor | None] = [None] * self.world_size
         self._kinds: list[str | None] = [None] * self.world_size
         self._arrived = 0
-        self._generation = 0
         self._results: Sequence[torch.Tensor] = ()
         self._error: BaseException | None = None
         self.capture = None  # a tensor_parallel.graphs capture in progress: collectives cut the graphs
@@ -293,7 +298,7 @@ class ThreadGroup:
 
     def reset(self) -> None:
         """Forget a past failure so the group can run again (called before each forward)."""
-        with self._cond:
+        with self._mutex:
             self._error = None
             self._slots = [None] * self.world_size
             self._kinds = [None] * self.world_size
@@ -301,39 +306,48 @@ class ThreadGroup:
 
     def abort(self, error: BaseException) -> None:
         """Release every waiting rank with a :class:`CollectiveError` caused by ``error``."""
-        with self._cond:
+        with self._mutex:
             if self._error is None:
                 self._error = error
-            self._cond.notify_all()
+            self._wake_waiting()
 
     def exchange(self, rank: int, kind: str, tensor: torch.Tensor,
                  run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]) -> torch.Tensor:
         """Deposit ``tensor``; when all ranks are in, ``run`` maps all tensors to all results."""
-        with self._cond:
+        with self._mutex:
             self._raise_if_aborted(rank, kind)
-            generation = self._generation
             self._slots[rank], self._kinds[rank] = tensor, kind
             self._arrived += 1
             if self._arrived == self.world_size:
                 return self._complete(rank, run)
-            self._cond.wait_for(lambda: self._generation != generation or self._error is not None, self.timeout)
-            if self._generation != generation:
-                return self._results[rank]
-            if self._error is None:
-                self._error = CollectiveError(
-                    f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
-                    f"for the other ranks; raise timeout= if a shard legitimately runs that long")
-                self._cond.notify_all()
+            self._waiting[rank] = True
+        signalled = self._wake[rank].acquire(timeout=self.timeout)
+        with self._mutex:
+            if not signalled and self._waiting[rank]:  # nobody came
+                self._waiting[rank] = False
+                if self._error is None:
+                    self._error = CollectiveError(
+                        f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
+                        f"for the other ranks; raise timeout= if a shard legitimately runs that long")
+                    self._wake_waiting()
+            elif not signalled:  # signalled just after the timeout: take the signal back
+                self._wake[rank].acquire()
             self._raise_if_aborted(rank, kind)
-            raise AssertionError("unreachable")  # pragma: no cover
+            return self._results[rank]
+
+    def _wake_waiting(self) -> None:
+        """Signal every waiting rank (under the mutex)."""
+        for rank, waiting in enumerate(self._waiting):
+            if waiting:
+                self._waiting[rank] = False
+                self._wake[rank].release()
 
     def _complete(self, rank: int, run) -> torch.Tensor:
-        kinds = set(self._kinds)
-        if len(kinds) != 1:
+        if any(k != self._kinds[0] for k in self._kinds):
             self._error = CollectiveError(
                 f"ranks called different collectives at the same step: {self._kinds}; every "
                 f"shard must run the same collectives in the same order")
-            self._cond.notify_all()
+            self._wake_waiting()
             raise self._error
         inputs = list(self._slots)
         self._slots = [None] * self.world_size
@@ -342,10 +356,9 @@ class ThreadGroup:
             self._results = run(inputs)
         except BaseException as error:
             self._error = error
-            self._cond.notify_all()
+            self._wake_waiting()
             raise
-        self._generation += 1
-        self._cond.notify_all()
+        self._wake_waiting()
         return self._results[rank]
 
     def _raise_if_aborted(self, rank: int, kind: str) -> None:
