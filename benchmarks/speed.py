@@ -16,6 +16,9 @@ the original tensor_parallel 2.0.0 (in its own venv, driven through a subprocess
    the slow drifts of a shared machine's speed (40% between runs minutes apart) cancel.
 3. Memory per device after splitting: bytes of parameters and buffers, and the imbalance
    (largest / mean).
+4. Hand-off: microseconds per all-reduce of one decode-step activation (1 x 1 x 1024 float32)
+   between 2, 3 and 4 thread ranks calling it back to back (the single-process mode's cost per
+   collective, 17 per decoded token of the speed model).
 
 Run: ``python -m benchmarks.speed [--peer-venv V]`` (V: the original library's venv, which
 ``python -m benchmarks.run speed`` creates when missing).
@@ -32,6 +35,8 @@ import os
 import statistics
 import subprocess
 import tempfile
+import threading
+import time
 
 import torch
 import transformers
@@ -72,8 +77,9 @@ MODELS: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", dict(_WIDE, intermediate_size=1024)),
     "roberta": ("RobertaConfig", dict(_WIDE, intermediate_size=1024)),
 }
-#: rounds of the speed measurement: each times every contender once
-ROUNDS = 7
+#: rounds of the speed measurement: each times every contender once (15: with 7 the median of
+#: the decode ratio to the original moved from 1.12 to 1.23 between runs on this 2-core machine)
+ROUNDS = 15
 SPEED_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                    num_attention_heads=16, num_key_value_heads=16)
 
@@ -226,6 +232,34 @@ def speed(python: str | None, rounds: int = ROUNDS) -> dict:
             "unsharded_bytes": sum(t.numel() * t.element_size() for t in [*reference.parameters(), *reference.buffers()])}
 
 
+def handoff(world_sizes: tuple[int, ...] = (2, 3, 4), calls: int = 3000, repeats: int = 3) -> dict[int, float]:
+    """Microseconds per all-reduce between thread ranks (best of ``repeats`` loops of
+    ``calls``), each rank on one intra-op thread as in a split forward."""
+    from tensor_parallel.comm import ThreadGroup
+
+    def loop(world_size: int) -> float:
+        group = ThreadGroup(["cpu"] * world_size)
+        comms = [group.communicator(r) for r in range(world_size)]
+        inputs = [torch.randn(1, 1, 1024) for _ in range(world_size)]
+
+        def rank(r: int) -> None:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                for _ in range(calls):
+                    comms[r].all_reduce(inputs[r])
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(1, world_size)]
+        threads_before = torch.get_num_threads()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        rank(0)
+        for thread in threads:
+            thread.join()
+        torch.set_num_threads(threads_before)
+        return (time.perf_counter() - start) / calls * 1e6
+    return {w: min(loop(w) for _ in range(repeats)) for w in world_sizes}
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -304,6 +338,12 @@ def report(comm: dict, original_comm: dict | None, result: dict, command: str) -
             lines.append(f"| {name} | {per_device[0] / 1e6:.0f} | {per_device[1] / 1e6:.0f} | "
                          f"{max(per_device) / mean:.3f} | {sum(per_device) / unsharded:.2f} |")
     lines += ["", f"The unsharded model holds {unsharded / 1e6:.0f} MB."]
+    if result.get("handoff"):
+        lines += ["", "## Hand-off between thread ranks", "",
+                  "One all-reduce of a decode-step activation (1 x 1 x 1024 float32), every rank a thread calling it "
+                  "back to back (best of 3 loops of 3000).", "",
+                  "| ranks | microseconds per all-reduce |", "|---|---|"]
+        lines += [f"| {w} | {us:.1f} |" for w, us in result["handoff"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--peer-venv {args.peer_venv}: no bin/python there")
     logger.info("speed ...")  # first: the timings, while the machine is as it was at the start
     result = speed(python, args.rounds)
+    logger.info("hand-off ...")
+    result["handoff"] = handoff()
     logger.info("communication ...")
     comm = communication()
     specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}
