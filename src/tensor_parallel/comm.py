@@ -299,6 +299,9 @@ class ThreadGroup:
     def reset(self) -> None:
         """Forget a past failure so the group can run again (called before each forward)."""
         with self._mutex:
+            for rank, wake in enumerate(self._wake):  # no rank waits now: no signal may be pending
+                self._waiting[rank] = False
+                wake.acquire(blocking=False)
             self._error = None
             self._slots = [None] * self.world_size
             self._kinds = [None] * self.world_size
@@ -321,19 +324,31 @@ class ThreadGroup:
             if self._arrived == self.world_size:
                 return self._complete(rank, run)
             self._waiting[rank] = True
-        signalled = self._wake[rank].acquire(timeout=self.timeout)
-        with self._mutex:
-            if not signalled and self._waiting[rank]:  # nobody came
-                self._waiting[rank] = False
+        try:
+            signalled = self._wake[rank].acquire(timeout=self.timeout)
+        except BaseException:  # KeyboardInterrupt while waiting: leave no signal pending
+            self._stop_waiting(rank)
+            raise
+        if not signalled and self._stop_waiting(rank):  # nobody came
+            with self._mutex:
                 if self._error is None:
                     self._error = CollectiveError(
                         f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
                         f"for the other ranks; raise timeout= if a shard legitimately runs that long")
                     self._wake_waiting()
-            elif not signalled:  # signalled just after the timeout: take the signal back
-                self._wake[rank].acquire()
+        with self._mutex:
             self._raise_if_aborted(rank, kind)
             return self._results[rank]
+
+    def _stop_waiting(self, rank: int) -> bool:
+        """Rank ``rank`` stops waiting without its signal: True if none was sent; if one was
+        (just now), it is taken back so that the rank's next wait does not end at once."""
+        with self._mutex:
+            if self._waiting[rank]:
+                self._waiting[rank] = False
+                return True
+            self._wake[rank].acquire(blocking=False)  # not blocking: it may be taken already
+            return False
 
     def _wake_waiting(self) -> None:
         """Signal every waiting rank (under the mutex)."""
