@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -287,6 +288,96 @@ def test_ctrl_c_while_a_rank_waits_in_a_collective_leaves_the_model_working():
         x = torch.randn(3, 4)
         # a sum of 2 partial products instead of one dot product: float32 rounding, 1e-6
         torch.testing.assert_close(model(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_rank_left_waiting_by_an_aborted_call_never_returns_an_older_result():
+    from tensor_parallel.comm import ThreadGroup
+
+    group = ThreadGroup(["cpu"] * 2, timeout=2.0)
+    out = [None, None]
+
+    def rank(r, value):
+        try:
+            out[r] = group.exchange(r, "all_reduce", torch.tensor([value]), lambda xs: [sum(xs)] * 2)
+        except tp.CollectiveError as error:
+            out[r] = error
+    for _ in range(20):
+        group.reset()
+        pair = [threading.Thread(target=rank, args=(r, 1.0 + r)) for r in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join()
+        assert [o.item() for o in out] == [3.0, 3.0]  # one collective completed: its result, 3
+        late = threading.Thread(target=rank, args=(1, 100.0))  # rank 1 waits in the next one
+        late.start()
+        while not group._waiting[1]:
+            time.sleep(0)
+        group.abort(RuntimeError("the call failed"))
+        group.reset()  # the next call starts before rank 1 has woken up
+        late.join(timeout=10)
+        assert isinstance(out[1], tp.CollectiveError), out[1]  # never the earlier 3
+
+
+def test_a_failing_rank_aborts_before_its_call_counts_as_done():
+    from tensor_parallel.runtime import _Call
+
+    seen = []
+
+    def fail():
+        raise ValueError("boom")
+    call = _Call(fail, contextlib.nullcontext, on_error=lambda error: seen.append(call.done.is_set()))
+    call()
+    # the caller may start the next call as soon as done is set: the abort must be in by then
+    assert seen == [False] and call.done.is_set() and isinstance(call.error, ValueError)
+
+
+def test_an_interrupted_call_with_a_rank_still_running_does_not_disturb_the_next():
+    import copy
+    import os
+    import signal
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+            self.delay = 0.0
+
+        def forward(self, x):
+            h = self.a(x)
+            time.sleep(self.delay)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    reference = Slow()
+    model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu"] * 2, timeout=0.5)
+    model.module_shards[1].delay = 1.5  # rank 1 computes for 1.5 s, longer than the 0.5 s timeout
+    for at in (0.2, 0.4):  # Ctrl-C twice: rank 0's wait in the all-reduce, then the wait for rank 1
+        threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    time.sleep(0.2)  # both signals delivered; rank 1 is still in its 1.5 s
+    model.module_shards[1].delay = 0.0
+    x = torch.randn(3, 4)
+    # the next call waits for rank 1's old call to stop, then runs on its own
+    # (a sum of 2 partial products instead of one dot product: float32 rounding, 1e-6)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("timeout, error, words", [
+    (0, ValueError, "more than 0 seconds"),
+    (-1.0, ValueError, "more than 0 seconds"),
+    ("10", TypeError, "number of seconds or None"),
+])
+def test_a_bad_timeout_is_refused_when_wrapping(timeout, error, words):
+    with pytest.raises(error, match=words):
+        tp.tensor_parallel(small(), ["cpu"] * 2, timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [None, float("inf"), 1e10])
+def test_no_limit_and_huge_timeouts_run(timeout):
+    model = tp.tensor_parallel(small(), ["cpu"] * 2, timeout=timeout)
+    torch.testing.assert_close(model(torch.ones(2, 4)), small()(torch.ones(2, 4)), atol=1e-6, rtol=1e-6)
 
 
 def test_integer_weights_cannot_be_split_and_are_replicated_by_default():

@@ -258,6 +258,17 @@ class _AllGather(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _check_timeout(timeout: float | None) -> float | None:
+    """``timeout`` in seconds for a wait at a collective: a positive number, or None (no limit)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None (no limit), got {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be more than 0 seconds (or None for no limit), got {timeout}")
+    return min(float(timeout), threading.TIMEOUT_MAX)
+
+
 class ThreadGroup:
     """A group of ranks that are threads of this process, one per entry of ``devices``.
 
@@ -274,20 +285,23 @@ class ThreadGroup:
         tensor([1., 1.])
     """
 
-    def __init__(self, devices: Sequence[torch.device | str], *, timeout: float = 600.0) -> None:
+    def __init__(self, devices: Sequence[torch.device | str], *, timeout: float | None = 600.0) -> None:
         self.devices = [torch.device(d) for d in devices]
         self.world_size = len(self.devices)
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self._mutex = threading.Lock()
-        # rank r's wake-up call: held while nobody has signalled r; a waiting rank blocks in
+        # rank r's wake-up call: held while no signal is pending for r; a waiting rank blocks in
         # acquire() (C code, without the GIL), the rank that completes a collective releases it
         self._wake = [threading.Lock() for _ in self.devices]
         for wake in self._wake:
             wake.acquire()
-        self._waiting = [False] * self.world_size
+        self._waiting = [False] * self.world_size  # in exchange, waiting or woken (cleared by the rank)
+        self._signalled = [False] * self.world_size  # a signal is pending in the rank's lock
         self._slots: list[torch.Tensor | None] = [None] * self.world_size
         self._kinds: list[str | None] = [None] * self.world_size
         self._arrived = 0
+        self._generation = 0  # collectives completed: a waiter returns only its own one's results
+        self._epoch = 0  # calls started (reset): a rank left over from an earlier call stops
         self._results: Sequence[torch.Tensor] = ()
         self._error: BaseException | None = None
         self.capture = None  # a tensor_parallel.graphs capture in progress: collectives cut the graphs
@@ -297,15 +311,16 @@ class ThreadGroup:
         return ThreadCommunicator(self, rank)
 
     def reset(self) -> None:
-        """Forget a past failure so the group can run again (called before each forward)."""
+        """Forget a past failure so the group can run again (called before each forward, when
+        no rank runs)."""
         with self._mutex:
-            for rank, wake in enumerate(self._wake):  # no rank waits now: no signal may be pending
-                self._waiting[rank] = False
-                wake.acquire(blocking=False)
+            self._epoch += 1
+            self._wake_waiting()  # a rank still waiting from an earlier call wakes and stops
             self._error = None
             self._slots = [None] * self.world_size
             self._kinds = [None] * self.world_size
             self._arrived = 0
+            self._results = ()  # the last collective's outputs (and graph) need not outlive the call
 
     def abort(self, error: BaseException) -> None:
         """Release every waiting rank with a :class:`CollectiveError` caused by ``error``."""
@@ -319,43 +334,51 @@ class ThreadGroup:
         """Deposit ``tensor``; when all ranks are in, ``run`` maps all tensors to all results."""
         with self._mutex:
             self._raise_if_aborted(rank, kind)
+            generation, epoch = self._generation, self._epoch
             self._slots[rank], self._kinds[rank] = tensor, kind
             self._arrived += 1
             if self._arrived == self.world_size:
                 return self._complete(rank, run)
             self._waiting[rank] = True
         try:
-            signalled = self._wake[rank].acquire(timeout=self.timeout)
+            self._wake[rank].acquire(timeout=-1 if self.timeout is None else self.timeout)
         except BaseException:  # KeyboardInterrupt while waiting: leave no signal pending
-            self._stop_waiting(rank)
-            raise
-        if not signalled and self._stop_waiting(rank):  # nobody came
             with self._mutex:
-                if self._error is None:
-                    self._error = CollectiveError(
-                        f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
-                        f"for the other ranks; raise timeout= if a shard legitimately runs that long")
-                    self._wake_waiting()
+                self._stop_waiting(rank)
+            raise
         with self._mutex:
+            self._stop_waiting(rank)
+            if self._epoch != epoch:
+                raise CollectiveError(f"rank {rank} ({self.devices[rank]}) was still in {kind} of an earlier "
+                                      f"call when a new one started; that call had failed")
+            if self._generation != generation:  # this collective completed
+                return self._results[rank]
+            if self._error is None:  # woken by nobody: the others never came
+                self._error = CollectiveError(
+                    f"rank {rank} ({self.devices[rank]}) waited {self.timeout:.0f} s in {kind} "
+                    f"for the other ranks; raise timeout= if a shard legitimately runs that long")
+                self._wake_waiting()
             self._raise_if_aborted(rank, kind)
-            return self._results[rank]
+            raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stop_waiting(self, rank: int) -> bool:
-        """Rank ``rank`` stops waiting without its signal: True if none was sent; if one was
-        (just now), it is taken back so that the rank's next wait does not end at once."""
-        with self._mutex:
-            if self._waiting[rank]:
-                self._waiting[rank] = False
-                return True
-            self._wake[rank].acquire(blocking=False)  # not blocking: it may be taken already
-            return False
+    def _stop_waiting(self, rank: int) -> None:
+        """Rank ``rank`` no longer waits (under the mutex): its signal, if one was sent, is
+        consumed, by its wait or now (sent after a timeout or an interrupt), so that its next
+        wait does not end at once."""
+        if self._signalled[rank]:
+            self._wake[rank].acquire(blocking=False)  # fails if the wait took it: either way it is gone
+            self._signalled[rank] = False
+        self._waiting[rank] = False
 
     def _wake_waiting(self) -> None:
-        """Signal every waiting rank (under the mutex)."""
+        """Signal every waiting rank that has no signal pending (under the mutex)."""
         for rank, waiting in enumerate(self._waiting):
-            if waiting:
-                self._waiting[rank] = False
-                self._wake[rank].release()
+            if waiting and not self._signalled[rank]:
+                try:
+                    self._wake[rank].release()
+                except RuntimeError:  # released already: by a wake-up that Ctrl-C cut short
+                    pass
+                self._signalled[rank] = True
 
     def _complete(self, rank: int, run) -> torch.Tensor:
         if any(k != self._kinds[0] for k in self._kinds):
@@ -373,6 +396,7 @@ class ThreadGroup:
             self._error = error
             self._wake_waiting()
             raise
+        self._generation += 1
         self._wake_waiting()
         return self._results[rank]
 

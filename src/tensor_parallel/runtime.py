@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .comm import CollectiveError, DistributedCommunicator, ThreadGroup
+from .comm import CollectiveError, DistributedCommunicator, ThreadGroup, _check_timeout
 from .legacy import Config, allow_legacy_unpacking
 from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
@@ -123,11 +123,13 @@ class _Worker:
 
 
 class _Call:
-    """One rank's part of a forward: its function, its result or its error."""
+    """One rank's part of a forward: its function, its result or its error. A failure aborts
+    the group (``on_error``) before the call counts as done, so the abort never lands in a
+    later call."""
 
     def __init__(self, fn: Callable[[], Any], modes: Callable[[], contextlib.AbstractContextManager],
-                 threads: int | None = None) -> None:
-        self.fn, self.modes, self.threads = fn, modes, threads
+                 threads: int | None = None, on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.fn, self.modes, self.threads, self.on_error = fn, modes, threads, on_error
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -140,6 +142,8 @@ class _Call:
                 self.result = self.fn()
         except BaseException as error:  # handed back to the caller, never lost in a thread
             self.error = error
+            if self.on_error is not None:
+                self.on_error(error)
         finally:
             self.done.set()
 
@@ -168,25 +172,29 @@ class ShardRunner:
     def __init__(self, group: ThreadGroup) -> None:
         self.group = group
         self.workers = [_Worker(f"tensor_parallel-rank{r}") for r in range(1, group.world_size)]
+        self._unfinished: list[tuple[int, _Call]] = []  # ranks an interrupted call left running
         weakref.finalize(self, _stop_all, list(self.workers))
 
     def run(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
         """Call ``fns[r]`` on rank ``r`` (rank 0 in this thread) and return every result."""
+        self._wait_for_last_run()
         self.group.reset()
         modes = _caller_modes()
         caller_threads = torch.get_num_threads()
         threads = self._threads_per_rank(caller_threads)
-        calls = [_Call(fn, modes, threads) for fn in fns]
+        calls = [_Call(fn, modes, threads, self.group.abort) for fn in fns]
         for worker, call in zip(self.workers, calls[1:]):
-            worker.tasks.put(self._guarded(call))
+            worker.tasks.put(call)
         try:
-            self._guarded(calls[0])()
+            calls[0]()
             for call in calls[1:]:
                 call.done.wait()
         except BaseException as error:  # KeyboardInterrupt while waiting: release every rank
             self.group.abort(error)
+            self._unfinished = list(enumerate(calls[1:], start=1))
             for call in calls[1:]:
                 call.done.wait(timeout=self.group.timeout)
+            self._unfinished = [(rank, call) for rank, call in self._unfinished if not call.done.is_set()]
             raise
         finally:
             if torch.get_num_threads() != caller_threads:
@@ -194,19 +202,22 @@ class ShardRunner:
         self._raise_first_error(calls)
         return [call.result for call in calls]
 
+    def _wait_for_last_run(self) -> None:
+        """A call interrupted while its ranks ran (Ctrl-C twice) may leave a rank still
+        running: the next call waits for it (it stops at its next collective) before it starts."""
+        for rank, call in self._unfinished:
+            if not call.done.wait(timeout=self.group.timeout):
+                raise CollectiveError(
+                    f"rank {rank} ({self.group.devices[rank]}) is still running an earlier, interrupted "
+                    f"call after {self.group.timeout:.0f} s; this model cannot run until it stops")
+        self._unfinished = []
+
     def _threads_per_rank(self, caller_threads: int) -> int | None:
         """CPU ranks share the caller's intra-op threads (2 ranks on 2 threads: 1 each), so the
         ranks' thread pools do not fight over the cores; GPU ranks keep theirs."""
         if self.group.devices[0].type != "cpu":
             return None
         return max(1, caller_threads // self.group.world_size)
-
-    def _guarded(self, call: _Call) -> Callable[[], None]:
-        def run() -> None:
-            call()
-            if call.error is not None:
-                self.group.abort(call.error)
-        return run
 
     def _raise_first_error(self, calls: Sequence[_Call]) -> None:
         errors = [(rank, c.error) for rank, c in enumerate(calls) if c.error is not None]
@@ -251,6 +262,7 @@ def _placement(device_ids, process_group, timeout: float, distributed: bool | No
     """Threads over ``device_ids`` in this process, or this process's rank of a job (when
     torch.distributed is initialised and ``device_ids`` is None, or names this rank's one device).
     ``distributed=False`` always means threads in this process."""
+    _check_timeout(timeout)  # refused at wrap time in either mode
     if distributed is False:
         if process_group is not None:
             raise ValueError("distributed=False runs one thread per device in this process; it takes "
@@ -341,7 +353,9 @@ class TensorParallel(nn.Module):
     ``sharded=True`` (or ``sharded_param_names`` alone) stores the replicated parameters once,
     cut 1/N over the ranks, and gathers them for use (ZeRO-3; see
     :func:`~tensor_parallel.sharding.shard_replicated`); ``sharded_param_names`` limits that
-    to the named parameters. Our own options are keyword-only: ``plan``, ``timeout``,
+    to the named parameters. Our own options are keyword-only: ``plan``, ``timeout`` (seconds
+    a rank waits at a collective for the others before every rank fails with
+    :class:`~tensor_parallel.CollectiveError`; default 600, ``None``: no limit),
     ``process_group``, ``example_inputs``.
 
     Example::
@@ -360,7 +374,7 @@ class TensorParallel(nn.Module):
                  output_device: DeviceLike | None = None, output_device_index: int | None = None,
                  tensor_parallel_config: Config | None = None, delay_init: bool = False, distributed: bool | None = True,
                  sharded: bool | None = None, sharded_param_names: Collection[str] | None = None, *,
-                 plan: Mapping[str, Style] | None = None, timeout: float = 600.0, process_group: Any = None,
+                 plan: Mapping[str, Style] | None = None, timeout: float | None = 600.0, process_group: Any = None,
                  example_inputs: Any = None, cuda_graphs: bool = False) -> None:
         super().__init__()
         sharded = _wants_sharding(sharded, sharded_param_names)
@@ -732,8 +746,8 @@ def tensor_parallel(module: nn.Module, device_ids: Sequence[DeviceLike] | None =
     (``None``: one process per rank when torch.distributed is initialised; ``True`` requires
     it; ``False`` never), ``sharded`` and ``sharded_param_names`` (ZeRO-3 of the replicated
     parameters, see :func:`~tensor_parallel.sharding.shard_replicated`; off unless asked for). Keyword options: ``output_device``,
-    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout``, ``process_group``,
-    ``cuda_graphs`` (replay calls without gradients as CUDA graphs, see :mod:`tensor_parallel.graphs`;
+    ``output_device_index``, ``delay_init``, ``example_inputs``, ``timeout`` (seconds at a
+    collective, see :class:`TensorParallel`), ``process_group``, ``cuda_graphs`` (replay calls without gradients as CUDA graphs, see :mod:`tensor_parallel.graphs`;
     a transformers model then generates with a static KV cache).
 
     Example::
