@@ -257,25 +257,28 @@ def test_a_failing_rank_releases_the_ranks_already_waiting():
         assert isinstance(waiting, tp.CollectiveError) and "rank 2 broke" in str(waiting)
 
 
+class _Slow(nn.Module):
+    """A Megatron pair whose shard sleeps ``delay`` seconds before the row split's all-reduce."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.delay = 0.0
+
+    def forward(self, x):
+        h = self.a(x)
+        time.sleep(self.delay)  # the other ranks reach b's all-reduce first and wait there
+        return self.b(h)
+
+
 def test_ctrl_c_while_a_rank_waits_in_a_collective_leaves_the_model_working():
     import os
     import signal
 
-    class Slow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
-            self.delay = 0.0
-
-        def forward(self, x):
-            h = self.a(x)
-            time.sleep(self.delay)  # rank 0 reaches b's all-reduce first and waits there
-            return self.b(h)
-
     import copy
 
     torch.manual_seed(0)
-    reference = Slow()
+    reference = _Slow()
     model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu"] * 2)
     model.module_shards[1].delay = 1.0
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while rank 0 waits
@@ -337,19 +340,8 @@ def test_an_interrupted_call_with_a_rank_still_running_does_not_disturb_the_next
     import os
     import signal
 
-    class Slow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
-            self.delay = 0.0
-
-        def forward(self, x):
-            h = self.a(x)
-            time.sleep(self.delay)
-            return self.b(h)
-
     torch.manual_seed(0)
-    reference = Slow()
+    reference = _Slow()
     model = tp.tensor_parallel(copy.deepcopy(reference), ["cpu"] * 2, timeout=0.5)
     model.module_shards[1].delay = 1.5  # rank 1 computes for 1.5 s, longer than the 0.5 s timeout
     for at in (0.2, 0.4):  # Ctrl-C twice: rank 0's wait in the all-reduce, then the wait for rank 1
