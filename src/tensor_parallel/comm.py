@@ -258,7 +258,7 @@ class _AllGather(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_timeout(timeout: float | None) -> float | None:
+def check_timeout(timeout: float | None) -> float | None:
     """``timeout`` in seconds for a wait at a collective: a positive number, or None (no limit)."""
     if timeout is None:
         return None
@@ -288,7 +288,7 @@ class ThreadGroup:
     def __init__(self, devices: Sequence[torch.device | str], *, timeout: float | None = 600.0) -> None:
         self.devices = [torch.device(d) for d in devices]
         self.world_size = len(self.devices)
-        self.timeout = _check_timeout(timeout)
+        self.timeout = check_timeout(timeout)
         self._mutex = threading.Lock()
         # rank r's wake-up call: held while no signal is pending for r; a waiting rank blocks in
         # acquire() (C code, without the GIL), the rank that completes a collective releases it

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .comm import CollectiveError, DistributedCommunicator, ThreadGroup, _check_timeout
+from .comm import CollectiveError, DistributedCommunicator, ThreadGroup, check_timeout
 from .legacy import Config, allow_legacy_unpacking
 from .legacy_plan import config_to_plan
 from .plan import plan_for, resolve_plan
@@ -262,7 +262,7 @@ def _placement(device_ids, process_group, timeout: float, distributed: bool | No
     """Threads over ``device_ids`` in this process, or this process's rank of a job (when
     torch.distributed is initialised and ``device_ids`` is None, or names this rank's one device).
     ``distributed=False`` always means threads in this process."""
-    _check_timeout(timeout)  # refused at wrap time in either mode
+    check_timeout(timeout)  # refused at wrap time in either mode
     if distributed is False:
         if process_group is not None:
             raise ValueError("distributed=False runs one thread per device in this process; it takes "
