@@ -259,7 +259,15 @@ class _AllGather(torch.autograd.Function):
 
 
 def check_timeout(timeout: float | None) -> float | None:
-    """``timeout`` in seconds for a wait at a collective: a positive number, or None (no limit)."""
+    """``timeout`` in seconds for a wait at a collective: a positive number, or None (no limit);
+    a ValueError or TypeError otherwise.
+
+    Example::
+
+        >>> from tensor_parallel.comm import check_timeout
+        >>> check_timeout(None), check_timeout(30)
+        (None, 30.0)
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
