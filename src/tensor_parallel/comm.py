@@ -349,13 +349,13 @@ class ThreadGroup:
                 return self._complete(rank, run)
             self._waiting[rank] = True
         try:
-            self._wake[rank].acquire(timeout=-1 if self.timeout is None else self.timeout)
+            woken = self._wake[rank].acquire(timeout=-1 if self.timeout is None else self.timeout)
         except BaseException:  # KeyboardInterrupt while waiting: leave no signal pending
             with self._mutex:
-                self._stop_waiting(rank)
+                self._stop_waiting(rank, woken=False)
             raise
         with self._mutex:
-            self._stop_waiting(rank)
+            self._stop_waiting(rank, woken)
             if self._epoch != epoch:
                 raise CollectiveError(f"rank {rank} ({self.devices[rank]}) was still in {kind} of an earlier "
                                       f"call when a new one started; that call had failed")
@@ -369,13 +369,13 @@ class ThreadGroup:
             self._raise_if_aborted(rank, kind)
             raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stop_waiting(self, rank: int) -> None:
+    def _stop_waiting(self, rank: int, woken: bool) -> None:
         """Rank ``rank`` no longer waits (under the mutex): its signal, if one was sent, is
-        consumed, by its wait or now (sent after a timeout or an interrupt), so that its next
-        wait does not end at once."""
-        if self._signalled[rank]:
-            self._wake[rank].acquire(blocking=False)  # fails if the wait took it: either way it is gone
-            self._signalled[rank] = False
+        consumed, by its wait (``woken``) or now (sent after a timeout or an interrupt), so that
+        its next wait does not end at once."""
+        if self._signalled[rank] and not woken:
+            self._wake[rank].acquire(blocking=False)  # fails if an interrupted wait took it: gone either way
+        self._signalled[rank] = False
         self._waiting[rank] = False
 
     def _wake_waiting(self) -> None:
