@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ import subprocess
 import tempfile
 import threading
 import time
+
+from typing import Callable
 
 import torch
 import transformers
@@ -260,6 +263,78 @@ def handoff(world_sizes: tuple[int, ...] = (2, 3, 4), calls: int = 3000, repeats
     return {w: min(loop(w) for _ in range(repeats)) for w in world_sizes}
 
 
+def _concurrently(work: Callable[[], float], threads: int) -> list[float]:
+    """Run ``work`` (returns its seconds) on ``threads`` threads at once, each on one intra-op
+    thread; every thread's seconds."""
+    times: list[float] = []
+
+    def one() -> None:
+        torch.set_num_threads(1)
+        times.append(work())
+    workers = [threading.Thread(target=one) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return times
+
+
+def cores(repeats: int = 3) -> dict[str, float]:
+    """What this machine's two cores give two threads of one process, the single-process
+    mode's ceiling: for each kind of work, one thread doing it alone against two threads
+    each doing the same at once (best of ``repeats``), as the two threads' throughput over
+    one thread's (2.0: two independent cores; 1.0: no gain).
+
+    ``compute``: products of 256 x 256 matrices (in cache); ``bandwidth``: one-row products
+    with a 64 MB weight of each thread's own (memory bound, as decode is); ``small ops``: adds
+    on 1 x 64 tensors (interpreter and dispatcher bound; each op releases and retakes the GIL).
+    """
+    a, x = torch.randn(256, 256), torch.ones(1, 64)
+    weights = [torch.randn(16384, 1024) for _ in range(2)]
+    vector = torch.randn(1024, 1)
+    count = iter(range(10**9))
+
+    def timed(fn: Callable[[], None], n: int) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return time.perf_counter() - start
+        return run
+    kinds = {"compute": lambda: timed(lambda: torch.mm(a, a), 300),
+             "bandwidth": lambda: timed(functools.partial(torch.mm, weights[next(count) % 2], vector), 40),
+             "small ops": lambda: timed(lambda: x.add(1.0), 20000)}
+    out = {}
+    threads_before = torch.get_num_threads()
+    try:
+        for kind, make in kinds.items():
+            alone = min(_concurrently(make(), 1)[0] for _ in range(repeats))
+            together = min(max(_concurrently(make(), 2)) for _ in range(repeats))
+            out[kind] = 2 * alone / together
+    finally:
+        torch.set_num_threads(threads_before)
+    return out
+
+
+def call_overhead(calls: int = 2000, repeats: int = 3) -> dict[str, float]:
+    """Microseconds per forward of a Megatron pair of 64-wide layers (one all-reduce) on one
+    token, unsharded and split over 1 and 2 CPU devices (best of ``repeats``): what the split
+    model adds to each call, which a decode step pays once per token."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(1, 1, 64)
+    models = {"unsharded": mlp, **{f"{w} device{'s' * (w > 1)}": tp.tensor_parallel(copy.deepcopy(mlp), ["cpu"] * w) for w in (1, 2)}}
+
+    def per_call(model) -> float:
+        with torch.no_grad():
+            model(x)
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(x)
+            return (time.perf_counter() - start) / calls * 1e6
+    return {name: min(per_call(model) for _ in range(repeats)) for name, model in models.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -295,6 +370,14 @@ def comm_table(rows: dict, original: dict | None, speed_comm: dict, speed_origin
                  f"{speed_comm['bytes'] / 1e6:.2f} | {per_layer(speed_comm['bytes'], speed_comm):.2f} | 2.00 | "
                  f"{_calls(theirs['calls']) if theirs else 'not run'} | {their_layer} |")
     return lines
+
+
+def _section(heading: str, text: str, header: tuple[str, str], rows: dict | None, number: str) -> list[str]:
+    """A two-column table under its heading (nothing when ``rows`` is empty)."""
+    if not rows:
+        return []
+    return (["", f"## {heading}", "", text, "", f"| {header[0]} | {header[1]} |", "|---|---|"]
+            + [f"| {key} | {number.format(value)} |" for key, value in rows.items()])
 
 
 def report(comm: dict, original_comm: dict | None, result: dict, command: str) -> str:
@@ -338,12 +421,21 @@ def report(comm: dict, original_comm: dict | None, result: dict, command: str) -
             lines.append(f"| {name} | {per_device[0] / 1e6:.0f} | {per_device[1] / 1e6:.0f} | "
                          f"{max(per_device) / mean:.3f} | {sum(per_device) / unsharded:.2f} |")
     lines += ["", f"The unsharded model holds {unsharded / 1e6:.0f} MB."]
-    if result.get("handoff"):
-        lines += ["", "## Hand-off between thread ranks", "",
-                  "One all-reduce of a decode-step activation (1 x 1 x 1024 float32), every rank a thread calling it "
-                  "back to back (best of 3 loops of 3000).", "",
-                  "| ranks | microseconds per all-reduce |", "|---|---|"]
-        lines += [f"| {w} | {us:.1f} |" for w, us in result["handoff"].items()]
+    lines += _section(
+        "Hand-off between thread ranks", "One all-reduce of a decode-step activation (1 x 1 x 1024 float32), every "
+        "rank a thread calling it back to back (best of 3 loops of 3000).",
+        ("ranks", "microseconds per all-reduce"), result.get("handoff"), "{:.1f}")
+    lines += _section(
+        "Cost of one call", "Microseconds per forward of a Megatron pair of 64-wide layers on one token (best of 3 "
+        "loops of 2000): what splitting adds to every call, which decode pays once per token.",
+        ("run", "microseconds per call"), result.get("call_overhead"), "{:.1f}")
+    lines += _section(
+        "What this machine's two cores give", "Two threads of one process each doing the same work at once, against "
+        "one thread alone: the two threads' throughput over one thread's (2.00: two independent cores; 1.00: no "
+        "gain). This bounds the single-process mode here: its ranks are such threads. Compute: 256 x 256 matrix "
+        "products in cache; bandwidth: one-row products with a 64 MB weight each (as decode); small ops: adds on "
+        "1 x 64 tensors (the Python forward's operators; each releases and retakes the GIL).",
+        ("work", "two threads / one"), result.get("cores"), "{:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     result = speed(python, args.rounds)
     logger.info("hand-off ...")
     result["handoff"] = handoff()
+    logger.info("cost of one call, what the cores give ...")
+    result["call_overhead"] = call_overhead()
+    result["cores"] = cores()
     logger.info("communication ...")
     comm = communication()
     specs = {name: [cls, kwargs, TOKENS] for name, (cls, kwargs) in MODELS.items()}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensor_parallel as tp
+from tensor_parallel.runtime import RankLocal
 from helpers import assert_close, assert_gradients_match, check_equivalence, cpu_devices
 
 DEVICE_COUNTS = [2, 3, 4]
@@ -288,6 +291,91 @@ def test_no_grad_and_inference_mode_reach_the_workers():
         assert not model(torch.randn(1, 4)).requires_grad
     with torch.inference_mode():
         assert model(torch.randn(1, 4)).is_inference()
+
+
+_SEEN: dict[str, dict] = {}  # a global: each shard is a copy of the module
+
+
+class _ModeProbe(nn.Module):
+    """Records the autograd and autocast modes each rank's thread runs in."""
+
+    def forward(self, x):
+        _SEEN[threading.current_thread().name] = {
+            "grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")}
+        return x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_rank_runs_in_the_callers_modes_and_only_for_that_call(n):
+    model = tp.tensor_parallel(nn.Sequential(nn.Linear(4, 6), _ModeProbe()), cpu_devices(n))
+    cases = [(torch.no_grad, {"grad": False, "inference": False, "autocast": False}),
+             (torch.inference_mode, {"grad": False, "inference": True, "autocast": False}),
+             (lambda: torch.autocast("cpu", dtype=torch.bfloat16), {"grad": True, "inference": False,
+                                                                    "autocast": torch.bfloat16}),
+             (contextlib.nullcontext, {"grad": True, "inference": False, "autocast": False})]  # restored after each
+    for mode, expected in cases:
+        _SEEN.clear()
+        with mode():
+            model(torch.randn(1, 4))
+        assert len(_SEEN) == n and all(seen == expected for seen in _SEEN.values()), (mode, _SEEN)
+
+
+class _Pair(NamedTuple):
+    left: torch.Tensor
+    right: int
+
+
+class _PerRank(RankLocal):
+    def for_rank(self, rank: int) -> str:
+        return f"rank {rank}"
+
+
+class _InputProbe(nn.Module):
+    """Records the containers each rank received, then changes its list in place."""
+
+    def forward(self, x, extra, options, pair):
+        _SEEN[threading.current_thread().name] = {"list": id(extra), "dict": id(options), "pair": pair,
+                                                  "who": options["nested"][0], "scale": options["scale"]}
+        extra.append("changed by a rank")
+        return x
+
+
+def test_each_rank_gets_its_own_containers_with_rank_local_leaves_resolved():
+    _SEEN.clear()
+    model = tp.tensor_parallel(nn.Sequential(_InputProbe()), cpu_devices(2), plan={})
+    extra, options = ["caller's"], {"nested": [_PerRank()], "scale": 2.5}
+    pair = _Pair(torch.ones(2), 7)
+    model.run_shards(lambda shard, *args: shard[0](*args), torch.zeros(1), extra, options, pair)
+    seen = sorted(_SEEN.values(), key=lambda s: s["who"])
+    assert [s["who"] for s in seen] == ["rank 0", "rank 1"]
+    assert len({s["list"] for s in seen} | {id(extra)}) == 3 and len({s["dict"] for s in seen} | {id(options)}) == 3
+    assert extra == ["caller's"] and isinstance(options["nested"][0], _PerRank)  # the caller's, untouched
+    assert all(type(s["pair"]) is _Pair and s["pair"].right == 7 and torch.equal(s["pair"].left, pair.left)
+               and s["scale"] == 2.5 for s in seen)
+
+
+def test_an_output_already_on_the_output_device_is_returned_as_it_is():
+    model = tp.tensor_parallel(mlp(4, 6, 4), cpu_devices(2))
+    output = {"y": torch.ones(1), "pair": _Pair(torch.zeros(1), 1), "cache": object()}
+    assert model.forward_output(output) is output
+    with pytest.raises(ValueError, match="'meta' device"):
+        model.forward_output((torch.empty(1, device="meta"),))
+
+
+def test_done_signal_wakes_every_wait_and_times_out_unset():
+    from tensor_parallel.runtime import _Done
+
+    done = _Done()
+    assert not done.is_set() and done.wait(timeout=0.01) is False  # tolerance: only that it returns
+    woken = []
+    waiters = [threading.Thread(target=lambda: woken.append(done.wait(timeout=30))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    done.set()
+    for waiter in waiters:
+        waiter.join(timeout=30)
+    assert woken == [True, True, True] and done.is_set() and done.wait() is True
 
 
 _THREADS_SEEN: dict[str, int] = {}  # a global: each shard is a copy of the module

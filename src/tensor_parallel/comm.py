@@ -135,6 +135,8 @@ def count_collectives() -> Iterator[CollectiveStats]:
 
 def record_collective(kind: str, shape: Sequence[int], dtype: torch.dtype) -> None:
     """Add one logical collective to every open :func:`count_collectives` block."""
+    if not _recorders:  # none open (the usual case): no lock to take
+        return
     with _recorders_lock:
         for stats in _recorders:
             stats._record(kind, tuple(shape), dtype)
