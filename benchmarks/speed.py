@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import transformers
@@ -263,57 +263,77 @@ def handoff(world_sizes: tuple[int, ...] = (2, 3, 4), calls: int = 3000, repeats
     return {w: min(loop(w) for _ in range(repeats)) for w in world_sizes}
 
 
-def _concurrently(work: Callable[[], float], threads: int) -> list[float]:
-    """Run ``work`` (returns its seconds) on ``threads`` threads at once, each on one intra-op
-    thread; every thread's seconds."""
-    times: list[float] = []
+def _concurrently(works: Sequence[Callable[[], float]]) -> list[float]:
+    """Run each of ``works`` (each returns its seconds) on a thread of its own, all at once,
+    each thread on one intra-op thread; every thread's seconds."""
+    times: list[float] = [0.0] * len(works)
 
-    def one() -> None:
+    def one(i: int) -> None:
         torch.set_num_threads(1)
-        times.append(work())
-    workers = [threading.Thread(target=one) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+        times[i] = works[i]()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(works))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return times
+
+
+def _timed(fn: Callable[[], Any], n: int, until: threading.Event | None = None) -> Callable[[], float]:
+    """A work: ``fn`` called ``n`` times (or, with ``until``, until it is set), timed."""
+    def run() -> float:
+        start = time.perf_counter()
+        if until is None:
+            for _ in range(n):
+                fn()
+        else:
+            while not until.is_set():
+                fn()
+        return time.perf_counter() - start
+    return run
 
 
 def cores(repeats: int = 3) -> dict[str, float]:
     """What this machine's two cores give two threads of one process, the single-process
-    mode's ceiling: for each kind of work, one thread doing it alone against two threads
-    each doing the same at once (best of ``repeats``), as the two threads' throughput over
-    one thread's (2.0: two independent cores; 1.0: no gain).
+    mode's ceiling (best of ``repeats`` each): for each kind of work, the throughput of two
+    threads doing it at once over one thread's alone (2.0: two independent cores; 1.0: no
+    gain), and the speed of small operators beside a thread that streams weights over their
+    speed alone (what a rank's Python forward keeps while the other rank multiplies).
 
     ``compute``: products of 256 x 256 matrices (in cache); ``bandwidth``: one-row products
     with a 64 MB weight of each thread's own (memory bound, as decode is); ``small ops``: adds
     on 1 x 64 tensors (interpreter and dispatcher bound; each op releases and retakes the GIL).
     """
-    a, x = torch.randn(256, 256), torch.ones(1, 64)
+    a, x, vector = torch.randn(256, 256), torch.ones(1, 64), torch.randn(1024, 1)
     weights = [torch.randn(16384, 1024) for _ in range(2)]
-    vector = torch.randn(1024, 1)
-    count = iter(range(10**9))
-
-    def timed(fn: Callable[[], None], n: int) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return time.perf_counter() - start
-        return run
-    kinds = {"compute": lambda: timed(lambda: torch.mm(a, a), 300),
-             "bandwidth": lambda: timed(functools.partial(torch.mm, weights[next(count) % 2], vector), 40),
-             "small ops": lambda: timed(lambda: x.add(1.0), 20000)}
+    kinds = {"compute": lambda i: _timed(lambda: torch.mm(a, a), 600),
+             "bandwidth": lambda i: _timed(functools.partial(torch.mm, weights[i], vector), 40),
+             "small ops": lambda i: _timed(lambda: x.add(1.0), 20000)}
     out = {}
     threads_before = torch.get_num_threads()
     try:
         for kind, make in kinds.items():
-            alone = min(_concurrently(make(), 1)[0] for _ in range(repeats))
-            together = min(max(_concurrently(make(), 2)) for _ in range(repeats))
-            out[kind] = 2 * alone / together
+            alone = min(_concurrently([make(0)])[0] for _ in range(repeats))
+            together = min(max(_concurrently([make(0), make(1)])) for _ in range(repeats))
+            out[f"{kind}: two threads / one"] = 2 * alone / together
+        alone = min(_concurrently([kinds["small ops"](0)])[0] for _ in range(repeats))
+        beside = min(_beside_streaming(kinds["small ops"](0), weights[1], vector) for _ in range(repeats))
+        out["small ops beside a thread streaming weights / alone"] = alone / beside
     finally:
         torch.set_num_threads(threads_before)
     return out
+
+
+def _beside_streaming(work: Callable[[], float], weight: torch.Tensor, vector: torch.Tensor) -> float:
+    """Seconds of ``work`` while another thread streams ``weight`` (one-row products) until it ends."""
+    stop = threading.Event()
+
+    def timed_then_stop() -> float:
+        try:
+            return work()
+        finally:
+            stop.set()
+    return _concurrently([timed_then_stop, _timed(functools.partial(torch.mm, weight, vector), 0, until=stop)])[0]
 
 
 def call_overhead(calls: int = 2000, repeats: int = 3) -> dict[str, float]:
@@ -432,10 +452,12 @@ def report(comm: dict, original_comm: dict | None, result: dict, command: str) -
     lines += _section(
         "What this machine's two cores give", "Two threads of one process each doing the same work at once, against "
         "one thread alone: the two threads' throughput over one thread's (2.00: two independent cores; 1.00: no "
-        "gain). This bounds the single-process mode here: its ranks are such threads. Compute: 256 x 256 matrix "
+        "gain), and small operators' speed beside a thread streaming weights over their speed alone (what a rank's "
+        "Python forward keeps while the other rank multiplies). This bounds the single-process mode here: its ranks "
+        "are such threads. Compute: 256 x 256 matrix "
         "products in cache; bandwidth: one-row products with a 64 MB weight each (as decode); small ops: adds on "
         "1 x 64 tensors (the Python forward's operators; each releases and retakes the GIL).",
-        ("work", "two threads / one"), result.get("cores"), "{:.2f}")
+        ("measure", "ratio"), result.get("cores"), "{:.2f}")
     return "\n".join(lines) + "\n"
 
 
