@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -343,12 +344,13 @@ class ThreadGroup:
                  run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]) -> torch.Tensor:
         """Deposit ``tensor``; when all ranks are in, ``run`` maps all tensors to all results."""
         with self._mutex:
-            self._raise_if_aborted(rank, kind)
+            if self._error is not None:
+                self._raise_if_aborted(rank, kind)
             generation, epoch = self._generation, self._epoch
             self._slots[rank], self._kinds[rank] = tensor, kind
             self._arrived += 1
             if self._arrived == self.world_size:
-                return self._complete(rank, run)
+                return self._complete(rank, kind, run)
             self._waiting[rank] = True
         try:
             woken = self._wake[rank].acquire(timeout=-1 if self.timeout is None else self.timeout)
@@ -390,8 +392,8 @@ class ThreadGroup:
                     pass
                 self._signalled[rank] = True
 
-    def _complete(self, rank: int, run) -> torch.Tensor:
-        if any(k != self._kinds[0] for k in self._kinds):
+    def _complete(self, rank: int, kind: str, run) -> torch.Tensor:
+        if self._kinds.count(kind) != self.world_size:
             self._error = CollectiveError(
                 f"ranks called different collectives at the same step: {self._kinds}; every "
                 f"shard must run the same collectives in the same order")
@@ -419,6 +421,20 @@ class ThreadGroup:
                 f"with {type(self._error).__name__}: {self._error}") from self._error
 
 
+def _run_all_reduce(inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The all-reduce of one thread-group collective (run once, by the last rank to arrive)."""
+    record_collective("all_reduce", inputs[0].shape, inputs[0].dtype)
+    return _AllReduce.apply(*inputs) if _differentiable(inputs) else _all_reduce(inputs)
+
+
+def _run_all_gather(dim: int, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The all-gather along ``dim`` of one thread-group collective."""
+    shape = list(inputs[0].shape)
+    shape[dim] = sum(x.shape[dim] for x in inputs)
+    record_collective("all_gather", shape, inputs[0].dtype)
+    return _AllGather.apply(dim, *inputs) if _differentiable(inputs) else _all_gather(dim, inputs)
+
+
 class ThreadCommunicator(Communicator):
     """Rank ``rank`` of a :class:`ThreadGroup`."""
 
@@ -430,31 +446,18 @@ class ThreadCommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.group.capture is not None:
             return self.group.capture.collective(self.rank, "all_reduce", tensor, None)
-
-        def run(inputs: list[torch.Tensor]):
-            record_collective("all_reduce", inputs[0].shape, inputs[0].dtype)
-            return _AllReduce.apply(*inputs) if _differentiable(inputs) else _all_reduce(inputs)
-        return self._exchange("all_reduce", tensor, run)
+        return self.group.exchange(self.rank, "all_reduce", tensor, _run_all_reduce)
 
     def all_gather(self, tensor: torch.Tensor, dim: int, sizes: Sequence[int] = ()) -> torch.Tensor:
         dim = dim % tensor.dim()
         if self.group.capture is not None:
             return self.group.capture.collective(self.rank, "all_gather", tensor, dim)
-
-        def run(inputs: list[torch.Tensor]):
-            shape = list(inputs[0].shape)
-            shape[dim] = sum(x.shape[dim] for x in inputs)
-            record_collective("all_gather", shape, inputs[0].dtype)
-            return _AllGather.apply(dim, *inputs) if _differentiable(inputs) else _all_gather(dim, inputs)
-        return self._exchange("all_gather", tensor, run)
+        return self.group.exchange(self.rank, "all_gather", tensor, functools.partial(_run_all_gather, dim))
 
     def enter_parallel(self, tensor: torch.Tensor) -> torch.Tensor:
         # In one process the graph is exact: the gradients of the replicated copies already
         # meet in the all-reduce / all-gather nodes and in the input broadcast.
         return tensor
-
-    def _exchange(self, kind, tensor, run):
-        return self.group.exchange(self.rank, kind, tensor, run)
 
 
 # --------------------------------------------------------------------------------------------
