@@ -265,17 +265,24 @@ def handoff(world_sizes: tuple[int, ...] = (2, 3, 4), calls: int = 3000, repeats
 
 def _concurrently(works: Sequence[Callable[[], float]]) -> list[float]:
     """Run each of ``works`` (each returns its seconds) on a thread of its own, all at once,
-    each thread on one intra-op thread; every thread's seconds."""
+    each thread on one intra-op thread, started in order; every thread's seconds. The first
+    error raised in a thread is raised here."""
     times: list[float] = [0.0] * len(works)
+    errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        torch.set_num_threads(1)
-        times[i] = works[i]()
+        try:
+            torch.set_num_threads(1)
+            times[i] = works[i]()
+        except BaseException as error:  # raised in the caller below, not printed and lost
+            errors.append(error)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(works))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return times
 
 
@@ -325,15 +332,21 @@ def cores(repeats: int = 3) -> dict[str, float]:
 
 
 def _beside_streaming(work: Callable[[], float], weight: torch.Tensor, vector: torch.Tensor) -> float:
-    """Seconds of ``work`` while another thread streams ``weight`` (one-row products) until it ends."""
-    stop = threading.Event()
+    """Seconds of ``work`` while another thread, started first, streams ``weight`` (one-row
+    products) until the work ends."""
+    stop, streaming = threading.Event(), threading.Event()
+
+    def stream() -> float:
+        streaming.set()
+        return _timed(functools.partial(torch.mm, weight, vector), 0, until=stop)()
 
     def timed_then_stop() -> float:
+        streaming.wait()
         try:
             return work()
         finally:
             stop.set()
-    return _concurrently([timed_then_stop, _timed(functools.partial(torch.mm, weight, vector), 0, until=stop)])[0]
+    return _concurrently([stream, timed_then_stop])[1]
 
 
 def call_overhead(calls: int = 2000, repeats: int = 3) -> dict[str, float]:

@@ -102,12 +102,33 @@ def test_speed_report_has_the_call_cost_and_what_the_cores_give():
     assert by_heading["What this machine's two cores give"]["rows"][2] == ["small ops: two threads / one", "0.50"]
 
 
+def _threads_of_a_new_thread() -> int:
+    """torch's intra-op thread count in a thread started now (its default, which
+    ``set_num_threads`` in any thread changes)."""
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
 def test_core_and_call_probes_return_one_figure_each():
     from benchmarks import speed
 
     threads = torch.get_num_threads()
     gains = speed.cores(repeats=1)
     assert len(gains) == 4 and all(g > 0 for g in gains.values())
+    assert _threads_of_a_new_thread() == threads  # the probes' one-thread setting did not stay
     costs = speed.call_overhead(calls=20, repeats=1)
     assert set(costs) == {"unsharded", "1 device", "2 devices"} and all(us > 0 for us in costs.values())
-    assert torch.get_num_threads() == threads  # the probes' threads ran on one intra-op thread each; ours is as it was
+
+
+def test_a_probe_thread_that_fails_raises_in_the_caller():
+    from benchmarks import speed
+
+    def fails() -> float:
+        raise ValueError("probe failed")
+    with pytest.raises(ValueError, match="probe failed"):
+        speed._concurrently([lambda: 1.0, fails])

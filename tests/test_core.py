@@ -359,23 +359,24 @@ def test_an_output_already_on_the_output_device_is_returned_as_it_is():
     model = tp.tensor_parallel(mlp(4, 6, 4), cpu_devices(2))
     output = {"y": torch.ones(1), "pair": _Pair(torch.zeros(1), 1), "cache": object()}
     assert model.forward_output(output) is output
+    assert model.forward_output({"who": _PerRank()}) == {"who": "rank 0"}  # still resolved
     with pytest.raises(ValueError, match="'meta' device"):
         model.forward_output((torch.empty(1, device="meta"),))
 
 
-def test_done_signal_wakes_every_wait_and_times_out_unset():
+def test_done_signal_wakes_a_blocked_wait_and_times_out_unset():
     from tensor_parallel.runtime import _Done
 
     done = _Done()
     assert not done.is_set() and done.wait(timeout=0.01) is False  # tolerance: only that it returns
     woken = []
-    waiters = [threading.Thread(target=lambda: woken.append(done.wait(timeout=30))) for _ in range(3)]
-    for waiter in waiters:
-        waiter.start()
+    waiter = threading.Thread(target=lambda: woken.append(done.wait()), daemon=True)  # only set() ends it
+    waiter.start()
+    waiter.join(timeout=0.2)  # tolerance: long enough for the waiter to block in acquire()
+    assert waiter.is_alive() and not woken
     done.set()
-    for waiter in waiters:
-        waiter.join(timeout=30)
-    assert woken == [True, True, True] and done.is_set() and done.wait() is True
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and woken == [True] and done.is_set() and done.wait() is True
 
 
 _THREADS_SEEN: dict[str, int] = {}  # a global: each shard is a copy of the module

@@ -126,7 +126,9 @@ class _Done:
     """A one-shot signal, as ``threading.Event`` but on a bare lock: the waiter blocks in
     ``acquire()`` (C code, without the GIL) and is woken by one ``release()``, where an Event
     allocates a lock per wait and re-checks its flag under a Python-level condition (the
-    caller waits for every worker once per forward: once per decoded token)."""
+    caller waits for every worker once per forward: once per decoded token). Meant for one
+    waiting thread (the caller): a Ctrl-C between a waiter's ``acquire()`` and its
+    ``release()`` would leave a second blocked waiter to its timeout."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -153,7 +155,8 @@ class _Call:
     """One rank's part of a forward: its function, its result or its error. A failure aborts
     the group (``on_error``) before the call counts as done, so the abort never lands in a
     later call. ``modes`` (the caller's autograd modes) is ``None`` for the caller's own rank,
-    which runs in them already."""
+    which runs in them already (so a mode its forward sets without restoring it stays set in
+    the caller's thread, as for an unsplit module)."""
 
     def __init__(self, fn: Callable[[], Any], modes: Callable[[], contextlib.AbstractContextManager] | None,
                  threads: int | None = None, on_error: Callable[[BaseException], None] | None = None) -> None:
@@ -390,14 +393,21 @@ def _to_device(tree: Any, device: torch.device, rank: int = 0) -> Any:
 
 
 def _all_on(tree: Any, device: torch.device) -> bool:
-    """Whether every tensor in ``tree`` is on ``device`` already (then it need not be rebuilt)."""
+    """Whether every tensor in ``tree`` is on ``device`` already and it holds no
+    :class:`RankLocal` (then it need not be rebuilt)."""
     if isinstance(tree, torch.Tensor):
         return tree.device == device
     if type(tree) in (tuple, list):
         return all(_all_on(x, device) for x in tree)
     if isinstance(tree, _PLAIN):
         return True
-    return all(not isinstance(leaf, torch.Tensor) or leaf.device == device for leaf in pytree.tree_leaves(tree))
+    return all(_leaf_on(leaf, device) for leaf in pytree.tree_leaves(tree))
+
+
+def _leaf_on(leaf: Any, device: torch.device) -> bool:
+    if isinstance(leaf, torch.Tensor):
+        return leaf.device == device
+    return not isinstance(leaf, RankLocal)
 
 
 class TensorParallel(nn.Module):
