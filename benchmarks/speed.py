@@ -38,7 +38,6 @@ import subprocess
 import tempfile
 import threading
 import time
-
 from typing import Any, Callable, Sequence
 
 import torch
@@ -316,16 +315,15 @@ def cores(repeats: int = 3) -> dict[str, float]:
     kinds = {"compute": lambda i: _timed(lambda: torch.mm(a, a), 600),
              "bandwidth": lambda i: _timed(functools.partial(torch.mm, weights[i], vector), 40),
              "small ops": lambda i: _timed(lambda: x.add(1.0), 20000)}
-    out = {}
+    out, alone = {}, {}
     threads_before = torch.get_num_threads()
     try:
         for kind, make in kinds.items():
-            alone = min(_concurrently([make(0)])[0] for _ in range(repeats))
+            alone[kind] = min(_concurrently([make(0)])[0] for _ in range(repeats))
             together = min(max(_concurrently([make(0), make(1)])) for _ in range(repeats))
-            out[f"{kind}: two threads / one"] = 2 * alone / together
-        alone = min(_concurrently([kinds["small ops"](0)])[0] for _ in range(repeats))
+            out[f"{kind}: two threads / one"] = 2 * alone[kind] / together
         beside = min(_beside_streaming(kinds["small ops"](0), weights[1], vector) for _ in range(repeats))
-        out["small ops beside a thread streaming weights / alone"] = alone / beside
+        out["small ops beside a thread streaming weights / alone"] = alone["small ops"] / beside
     finally:
         torch.set_num_threads(threads_before)
     return out

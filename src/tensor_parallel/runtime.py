@@ -395,12 +395,10 @@ def _to_device(tree: Any, device: torch.device, rank: int = 0) -> Any:
 def _all_on(tree: Any, device: torch.device) -> bool:
     """Whether every tensor in ``tree`` is on ``device`` already and it holds no
     :class:`RankLocal` (then it need not be rebuilt)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.device == device
     if type(tree) in (tuple, list):
         return all(_all_on(x, device) for x in tree)
-    if isinstance(tree, _PLAIN):
-        return True
+    if isinstance(tree, (torch.Tensor, RankLocal, *_PLAIN)):
+        return _leaf_on(tree, device)
     return all(_leaf_on(leaf, device) for leaf in pytree.tree_leaves(tree))
 
 
